@@ -4,6 +4,9 @@
         --config=configs/spatial_ast.py --output=converted/spatial_ast [--dtype=bfloat16] \
         [--allow_pickle] [--state_key=model]
 
+    # Hugging Face checkpoints (whisper, bert, llama, ast): sizes from the source's config.json
+    python -m launch.convert --source=path/to/save_pretrained_dir --output=converted/llama [--model=llama]
+
 `--source` is a weights file, a directory holding one (safetensors, a sharded
 `model.safetensors.index.json`, or a torch `.bin`/`.pth`), or a Hugging Face hub id
 (`org/name`, downloaded when the machine is online). The model is built from
@@ -24,6 +27,7 @@ from typing import Any, Callable
 from absl import app, flags
 from ml_collections import ConfigDict, config_flags
 
+from jaxaudio.convert.hf import HF_MODELS
 from launch.common import parse_flags, setup_jax
 
 
@@ -65,16 +69,17 @@ CONVERTERS: dict[str, Converter] = {
 
 DTYPES = ("float32", "bfloat16")
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file whose `model` section sizes the model.",
-                                          lock_config=True)
-_MODEL = flags.DEFINE_enum("model", None, sorted(CONVERTERS), "Which model's key map (default: config.task).")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file whose `model` section sizes the model "
+                                          "(not needed for Hugging Face checkpoints).", lock_config=True)
+_MODEL = flags.DEFINE_enum("model", None, sorted(CONVERTERS) + sorted(HF_MODELS),
+                           "Which model's key map (default: config.task, or config.json's model_type).")
 _SOURCE = flags.DEFINE_string("source", None, "Weights file, directory, or Hugging Face hub id (org/name).")
 _OUTPUT = flags.DEFINE_string("output", None, "Directory for the converted checkpoint.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", DTYPES, "Storage dtype of the parameters (statistics stay float32).")
 _ALLOW_PICKLE = flags.DEFINE_bool("allow_pickle", False, "Fully unpickle .pth/.bin files (runs code: trusted files only).")
 _STATE_KEY = flags.DEFINE_string("state_key", None, "Sub-dict of the checkpoint holding the tensors (e.g. model); "
                                  "default: a top-level 'model' or 'state_dict' entry if there is one.")
-flags.mark_flags_as_required(["config", "source", "output"])
+flags.mark_flags_as_required(["source", "output"])
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 _HUB_PATTERNS = ["*.safetensors", "*.json", "*.bin", "*.pth", "*.pt", "*.ckpt"]
@@ -148,16 +153,46 @@ def run(model_name: str, source: str, config: ConfigDict, output: str, dtype: st
     }
 
 
+def run_hf(source: str, output: str, model_name: str | None = None, dtype: str = "float32",
+           allow_pickle: bool = False) -> dict[str, Any]:
+    """Convert a Hugging Face checkpoint (sizes from its config.json) and write it to `output`."""
+    import jax
+    import numpy as np
+
+    from jaxaudio.convert import save_converted
+    from jaxaudio.convert.hf import convert_hf
+    path = resolve_source(source)
+    variables, config = convert_hf(path, model_name, dtype=dtype, allow_pickle=allow_pickle)
+    save_converted(output, variables, config)
+    leaves = jax.tree.leaves(variables)
+    return {
+        "model": config["model"],
+        "source": path,
+        "source_tensors": config["source_tensors"],
+        "tensors": len(leaves),
+        "parameters": sum(int(np.prod(a.shape)) for a in jax.tree.leaves(variables["params"])),
+        "collections": {k: len(jax.tree.leaves(v)) for k, v in variables.items()},
+        "bytes": sum(a.nbytes for a in leaves),
+        "output": os.path.abspath(output),
+    }
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     setup_jax(False)
     from jaxaudio.convert import ConversionError
     config = _CONFIG.value
-    model_name = _MODEL.value or config.get("task")
+    model_name = _MODEL.value or (config.get("task") if config is not None else None)
     try:
-        s = run(model_name, _SOURCE.value, config, _OUTPUT.value, _DTYPE.value, _ALLOW_PICKLE.value,
-                _STATE_KEY.value)
+        if model_name is None or model_name in HF_MODELS:
+            s = run_hf(_SOURCE.value, _OUTPUT.value, model_name, _DTYPE.value, _ALLOW_PICKLE.value)
+            model_name = s["model"]
+        else:
+            if config is None:
+                raise app.UsageError(f"--model={model_name} needs --config (its sizes come from config.model)")
+            s = run(model_name, _SOURCE.value, config, _OUTPUT.value, _DTYPE.value, _ALLOW_PICKLE.value,
+                    _STATE_KEY.value)
     except ConversionError as e:
         print(f"convert: {e}", file=sys.stderr)
         sys.exit(1)

@@ -12,5 +12,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
+from torch_compat import ensure_torchvision_importable  # noqa: E402
+
+ensure_torchvision_importable()
+
 jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "jaxaudio_test_jit"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

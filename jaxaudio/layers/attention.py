@@ -40,6 +40,7 @@ class MultiHeadAttention(nn.Module):
     num_kv_heads: int | None = None
     fused_qkv: bool = False
     use_bias: bool = True
+    key_bias: bool | None = None  # None: as use_bias (Whisper's k_proj has none)
     out_features: int | None = None
     decode: bool = False
     implementation: str | None = None
@@ -61,7 +62,8 @@ class MultiHeadAttention(nn.Module):
         else:
             src = x if context is None else context
             q = dense((self.num_heads, head_dim), ("embed", "heads", "kv"), name="query", **kw)(x)
-            k = dense((kv_heads, head_dim), ("embed", "heads", "kv"), name="key", **kw)(src)
+            k_kw = kw if self.key_bias is None else {**kw, "use_bias": self.key_bias}
+            k = dense((kv_heads, head_dim), ("embed", "heads", "kv"), name="key", **k_kw)(src)
             v = dense((kv_heads, head_dim), ("embed", "heads", "kv"), name="value", **kw)(src)
         if self.decode:
             k, v, mask = self._update_cache(k, v, mask)

@@ -1,10 +1,11 @@
-"""Import timm where torchvision cannot load.
+"""Import timm and transformers where torchvision cannot load.
 
 The PyPI torchvision wheel is built against CUDA torch; next to the CPU-only
-torch==2.13.0 its C extension fails (`operator torchvision::nms does not exist`) and
-`import timm` fails with it. The ViT pieces our parity tests use (`Block`, `Attention`,
-`Mlp`) never touch torchvision, so when the real one cannot load we register an inert
-stand-in package for it and import timm normally.
+torch==2.13.0 its C extension fails (`operator torchvision::nms does not exist`), and
+`import timm` / `import transformers.<model>` / `import peft` fail with it. The pieces
+our parity tests use (timm's ViT `Block`, transformers' text and audio models) never
+touch torchvision, so when the real one cannot load we register an inert stand-in
+package for it (`conftest.py` does this once per test session).
 """
 import enum
 import importlib.abc
@@ -50,14 +51,22 @@ class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         pass
 
 
-def import_timm():
-    """`timm`, importing it through the stand-in torchvision if the real one fails."""
+def ensure_torchvision_importable() -> None:
+    """Leave a working torchvision alone; otherwise route `import torchvision` to the stand-in."""
+    if any(isinstance(f, _Finder) for f in sys.meta_path):
+        return
     try:
-        import timm
-        return timm
-    except (RuntimeError, ImportError, OSError):
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith(("torchvision.", "timm"))]:
+        import torchvision  # noqa: F401
+    except ImportError:
+        return  # not installed: the libraries run without it
+    except (RuntimeError, OSError):
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
             del sys.modules[name]
         sys.meta_path.insert(0, _Finder())
-        import timm
-        return timm
+
+
+def import_timm():
+    """`timm`, imported through the stand-in torchvision if the real one fails."""
+    ensure_torchvision_importable()
+    import timm
+    return timm
