@@ -28,6 +28,8 @@ DEFAULT_RULES: tuple[tuple[str, object], ...] = (
     ("conv_h", None),
     ("conv_w", None),
     ("tokens", None),
+    ("vocab", "tensor"),
+    ("lora_rank", None),
     # activations
     ("act_batch", ("data", "fsdp")),
     ("act_length", None),
