@@ -35,6 +35,7 @@ class PreNormBlock(nn.Module):
     mlp_dim: int
     eps: float = 1e-6
     fused_qkv: bool = True
+    key_bias: bool | None = None  # None: as the other projections (Whisper's k_proj has none)
     activation: str = "gelu"
     dropout: float = 0.0
     drop_path: float = 0.0
@@ -48,8 +49,8 @@ class PreNormBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = constrain(x, ACT)
         h = layer_norm(self.eps, name="norm1", **kw)(x)
-        h = MultiHeadAttention(self.num_heads, fused_qkv=self.fused_qkv, implementation=self.attention_impl,
-                               name="attn", **kw)(h, mask=mask, bias=bias)
+        h = MultiHeadAttention(self.num_heads, fused_qkv=self.fused_qkv, key_bias=self.key_bias,
+                               implementation=self.attention_impl, name="attn", **kw)(h, mask=mask, bias=bias)
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
         x = x + DropPath(self.drop_path)(h, deterministic=not train)
         h = layer_norm(self.eps, name="norm2", **kw)(x)
