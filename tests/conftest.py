@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-from torch_compat import ensure_torchvision_importable  # noqa: E402
+from launch.torch_compat import ensure_torchvision_importable  # noqa: E402
 
 ensure_torchvision_importable()
 

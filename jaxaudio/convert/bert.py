@@ -65,6 +65,7 @@ def config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
         type_vocab_size=int(hf_field(hf, "type_vocab_size")),
         eps=float(hf.get("layer_norm_eps", 1e-12)),
         dropout=float(hf.get("hidden_dropout_prob", 0.1)),
+        attention_dropout=float(hf.get("attention_probs_dropout_prob", 0.1)),
         pooler=pooler,
         head=head,
     )

@@ -4,26 +4,47 @@
 separate `query`/`key`/`value` like Hugging Face), calls `jax.nn.dot_product_attention`
 (XLA everywhere, cuDNN flash attention on GPU when `implementation="cudnn"`), and
 projects back. It takes a boolean mask, an additive bias (relative positions), grouped
-key/value heads, cross-attention context, and an autoregressive KV cache (`decode=True`).
+key/value heads, cross-attention context, rotary position embeddings (`rope_theta`),
+dropout on the attention probabilities (BERT's `attention_probs_dropout_prob`) and an
+autoregressive KV cache (`decode=True`).
 """
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from jaxaudio.layers.dense import dense
+from jaxaudio.layers.rotary import apply_rotary
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
                           bias: jax.Array | None = None, is_causal: bool = False,
-                          implementation: str | None = None) -> jax.Array:
+                          implementation: str | None = None, dropout_rate: float = 0.0,
+                          dropout_rng: jax.Array | None = None) -> jax.Array:
     """Scaled dot-product attention.
 
     q `[batch, q_len, heads, head_dim]`, k/v `[batch, kv_len, kv_heads, head_dim]` with
     `heads % kv_heads == 0`; mask (True = attend) and bias broadcast to
     `[batch, heads, q_len, kv_len]`. Returns `[batch, q_len, heads, head_dim]`.
+    With `dropout_rng`, the probabilities are dropped at `dropout_rate` (training only;
+    `jax.nn.dot_product_attention` has no dropout, so this path spells the softmax out).
     """
-    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=is_causal,
-                                        implementation=implementation)
+    if dropout_rng is None or dropout_rate == 0.0:
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=is_causal,
+                                            implementation=implementation)
+    groups = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(q.shape[-1]).astype(jnp.float32)
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    if is_causal:
+        causal = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
+        mask = causal if mask is None else jnp.logical_and(mask, causal)
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
 class MultiHeadAttention(nn.Module):
@@ -34,6 +55,12 @@ class MultiHeadAttention(nn.Module):
     the input length at `init`; each call may add one or more tokens. The caller keeps
     the total within that length (`generate` stops there): past it, XLA's
     `dynamic_update_slice` would clamp the write onto the last slots.
+
+    With `rope_theta` set, queries and keys are rotated (rotate-half RoPE) by
+    `positions [batch, q_len]` before the keys enter the cache, so cached keys keep their
+    own positions. Without `positions` they count from 0, or, when decoding, from the
+    cache index (right for unpadded or right-padded prompts; left-padded ones pass
+    positions that skip the padding).
     """
     num_heads: int
     head_dim: int | None = None
@@ -41,7 +68,9 @@ class MultiHeadAttention(nn.Module):
     fused_qkv: bool = False
     use_bias: bool = True
     key_bias: bool | None = None  # None: as use_bias (Whisper's k_proj has none)
+    rope_theta: float | None = None  # None: no rotary embeddings
     out_features: int | None = None
+    dropout_rate: float = 0.0  # on the attention probabilities, when deterministic=False
     decode: bool = False
     implementation: str | None = None
     dtype: jnp.dtype = jnp.float32
@@ -49,7 +78,8 @@ class MultiHeadAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None, *, mask: jax.Array | None = None,
-                 bias: jax.Array | None = None, is_causal: bool = False) -> jax.Array:
+                 bias: jax.Array | None = None, is_causal: bool = False,
+                 positions: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
         embed = x.shape[-1]
         head_dim = self.head_dim or embed // self.num_heads
         kv_heads = self.num_kv_heads or self.num_heads
@@ -65,12 +95,30 @@ class MultiHeadAttention(nn.Module):
             k_kw = kw if self.key_bias is None else {**kw, "use_bias": self.key_bias}
             k = dense((kv_heads, head_dim), ("embed", "heads", "kv"), name="key", **k_kw)(src)
             v = dense((kv_heads, head_dim), ("embed", "heads", "kv"), name="value", **kw)(src)
+        if self.rope_theta is not None:
+            if context is not None:
+                raise ValueError("rotary embeddings (rope_theta) need self-attention, not a context")
+            if positions is None:
+                positions = self._default_positions(x.shape[0], x.shape[1])
+            q = apply_rotary(q, positions, self.rope_theta)
+            k = apply_rotary(k, positions, self.rope_theta)
         if self.decode:
             k, v, mask = self._update_cache(k, v, mask)
             is_causal = False  # the cache mask already encodes causality
+        dropout_rng = None
+        if self.dropout_rate > 0.0 and not deterministic:
+            dropout_rng = self.make_rng("dropout")
         out = dot_product_attention(q, k, v, mask=mask, bias=bias, is_causal=is_causal,
-                                    implementation=self.implementation)
+                                    implementation=self.implementation, dropout_rate=self.dropout_rate,
+                                    dropout_rng=dropout_rng)
         return dense(self.out_features or embed, ("heads", "kv", "embed"), axis=(-2, -1), name="out", **kw)(out)
+
+    def _default_positions(self, batch: int, length: int) -> jax.Array:
+        """`[batch, length]`: 0.. for a full pass; from the cache index when decoding."""
+        start = 0
+        if self.decode and self.has_variable("cache", "cache_index"):
+            start = self.get_variable("cache", "cache_index")
+        return jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
 
     def _update_cache(self, k, v, mask):
         """Write k/v at the cache index; return the whole cache and a causal mask over it."""

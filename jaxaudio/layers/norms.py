@@ -16,6 +16,25 @@ def layer_norm(eps: float, dtype=jnp.float32, param_dtype=jnp.float32, name=None
         bias_init=param(nn.initializers.zeros, ("norm",)))
 
 
+class RMSNorm(nn.Module):
+    """Root-mean-square norm over the last axis (LLaMA's `LlamaRMSNorm`): `x / rms(x) * scale`.
+
+    The statistics run in float32 whatever the compute dtype, as Hugging Face does: in
+    bf16 the mean of squares of a 4096-wide activation loses most of its precision.
+    `x [..., features]` -> same shape, in `dtype`.
+    """
+    eps: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", param(nn.initializers.ones, ("norm",)), (x.shape[-1],), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
+        return y.astype(self.dtype) * scale.astype(self.dtype)
+
+
 class BatchNorm(nn.Module):
     """BatchNorm over the last (channel) axis with PyTorch's `BatchNorm2d` semantics.
 

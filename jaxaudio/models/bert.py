@@ -13,8 +13,8 @@
 AudioBERT injects an audio embedding as a token: pass `inputs_embeds`; position and
 token-type embeddings are still added, as Hugging Face does.
 
-Attention-probability dropout (`attention_probs_dropout_prob`) is not applied: the
-shared attention (`jax.nn.dot_product_attention`) has none. Hidden dropout is.
+In training, hidden dropout (`hidden_dropout_prob`) and attention-probability dropout
+(`attention_probs_dropout_prob`) apply where Hugging Face applies them.
 """
 import flax
 import flax.linen as nn
@@ -94,12 +94,14 @@ class BertLayer(nn.Module):
     eps: float = 1e-12
     dropout: float = 0.0
     attention_impl: str | None = None
+    attention_dropout: float = 0.0
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.attention = MultiHeadAttention(self.num_heads, implementation=self.attention_impl, **kw)
+        self.attention = MultiHeadAttention(self.num_heads, implementation=self.attention_impl,
+                                            dropout_rate=self.attention_dropout, **kw)
         self.attention_norm = layer_norm(self.eps, **kw)
         self.intermediate = dense(self.intermediate_size, ("embed", "mlp"), name=None, **kw)
         self.output = dense(self.hidden_size, ("mlp", "embed"), name=None, **kw)
@@ -109,7 +111,7 @@ class BertLayer(nn.Module):
     def attention_block(self, attention: nn.Module, norm: nn.Module, x: jax.Array, context: jax.Array | None,
                         mask: jax.Array | None, deterministic: bool) -> jax.Array:
         """`norm(x + dropout(attention(x, context)))`; mask broadcasts to `[batch, heads, q, kv]`."""
-        h = attention(x, context, mask=mask)
+        h = attention(x, context, mask=mask, deterministic=deterministic)
         return norm(x + self.drop(h, deterministic=deterministic))
 
     def feed_forward(self, intermediate: nn.Module, output: nn.Module, norm: nn.Module, x: jax.Array,
@@ -168,6 +170,7 @@ class Bert(nn.Module):
     head: str = "none"
     num_labels: int = 2
     classifier_dropout: float | None = None  # None: `dropout`, as Hugging Face
+    attention_dropout: float = 0.1
     attention_impl: str | None = None
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
@@ -198,7 +201,8 @@ class Bert(nn.Module):
         mask = None if attention_mask is None else attention_mask[:, None, None, :].astype(bool)
         for i in range(self.num_layers):
             x = BertLayer(self.hidden_size, self.num_heads, self.intermediate_size, self.hidden_act, self.eps,
-                          self.dropout, self.attention_impl, name=f"layers_{i}", **kw)(x, mask, deterministic)
+                          self.dropout, self.attention_impl, self.attention_dropout, name=f"layers_{i}",
+                          **kw)(x, mask, deterministic)
 
         pooled = None
         if self.pooler:

@@ -237,3 +237,28 @@ def test_fused_qkv_rejects_grouped_kv_heads():
     mha = MultiHeadAttention(num_heads=H, num_kv_heads=2, fused_qkv=True)
     with pytest.raises(ValueError, match="fused_qkv"):
         mha.init(jax.random.PRNGKey(0), jnp.zeros((1, 3, E)))
+
+
+def test_attention_dropout_matches_expectation_and_only_in_training():
+    """Dropped probabilities, rescaled: the mean over many masks is the plain attention;
+    deterministic calls (and rate 0) take the fused path unchanged."""
+    from jaxaudio.layers.attention import dot_product_attention
+    kq, kk, kv = jax.random.split(jax.random.PRNGKey(0), 3)
+    q = jax.random.normal(kq, (1, 3, 4, 8))
+    k = jax.random.normal(kk, (1, 5, 2, 8))  # grouped kv heads
+    v = jax.random.normal(kv, (1, 5, 2, 8))
+    mask = jnp.array([True, True, True, True, False])[None, None, None]
+    plain = dot_product_attention(q, k, v, mask=mask)
+    drop = jax.vmap(lambda r: dot_product_attention(q, k, v, mask=mask, dropout_rate=0.3, dropout_rng=r))(
+        jax.random.split(jax.random.PRNGKey(1), 4000))
+    np.testing.assert_allclose(drop.mean(0), plain, atol=0.05)
+    assert not np.allclose(drop[0], plain, atol=1e-3)
+    np.testing.assert_allclose(dot_product_attention(q, k, v, mask=mask, dropout_rate=0.0,
+                                                     dropout_rng=jax.random.PRNGKey(2)), plain, atol=1e-6)
+
+    m = MultiHeadAttention(num_heads=2, dropout_rate=0.5)
+    x = jax.random.normal(kq, (2, 4, 8))
+    params = m.init(jax.random.PRNGKey(0), x)
+    np.testing.assert_allclose(m.apply(params, x), m.apply(params, x, deterministic=True))
+    train = m.apply(params, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(3)})
+    assert not np.allclose(train, m.apply(params, x), atol=1e-4)

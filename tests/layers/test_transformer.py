@@ -19,7 +19,7 @@ from jaxaudio.convert import convert
 from jaxaudio.convert.spatial_ast import key_map
 from jaxaudio.layers import DropPath, PreNormBlock
 from jaxaudio.models.spatial_ast import SpatialAST
-from torch_compat import import_timm
+from launch.torch_compat import import_timm
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,0 +1,236 @@
+"""Forward-pass benchmark of the converted backbones against transformers, same weights, same input.
+
+Run through `launch/bench.py`:
+
+    python -m launch.bench --model=backbones                 # all of them
+    python -m launch.bench --model=llama_100m --batch=4 --steps=5
+
+For each backbone at a realistic size, a transformers PyTorch model is built from its
+config with random weights (seeded), saved with `save_pretrained`, and converted by
+`jaxaudio.convert.hf.convert_hf` — the path a user's checkpoint takes. The JAX forward is
+`jax.jit(module.apply)`; the PyTorch forward runs under `torch.inference_mode()` in a
+fresh spawned process (so XLA's and torch's thread pools do not fight), on the same input
+saved to disk. Each framework runs `warmup` untimed then `steps` timed calls; ms is the
+median. Reported: both times, the ratio (PyTorch ms / JAX ms: > 1 means JAX is faster),
+tokens/s, and on a GPU XLA's FLOP count and model FLOPs utilisation.
+"""
+import dataclasses
+import os
+import statistics
+import tempfile
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+    hf_class: str               # transformers class to build and save
+    hf_config: Callable[[], Any]
+    inputs: Callable[[int, np.random.Generator], dict[str, np.ndarray]]  # batch -> named numpy inputs
+    tokens: Callable[[dict[str, np.ndarray]], int]  # how many positions one forward processes
+    jax_forward: Callable[[Any, Any, dict[str, Any]], Any]
+    torch_forward: Callable[[Any, dict[str, Any]], Any]  # (transformers model, dict of tensors) -> tensor
+    default_batch: tuple[int, int]  # CPU, accelerator
+
+
+def _whisper_config(d_model, layers, heads):
+    from transformers import WhisperConfig
+    # The decoder is not benchmarked; one small layer keeps save/convert fast.
+    return WhisperConfig(d_model=d_model, encoder_layers=layers, encoder_attention_heads=heads,
+                         encoder_ffn_dim=4 * d_model, decoder_layers=1, decoder_attention_heads=heads,
+                         decoder_ffn_dim=4 * d_model, num_mel_bins=80, vocab_size=51865)
+
+
+def _whisper(d_model, layers, heads) -> Backbone:
+    return Backbone(
+        "WhisperModel", lambda: _whisper_config(d_model, layers, heads),
+        lambda b, rng: {"input_features": rng.standard_normal((b, 80, 3000)).astype(np.float32)},
+        lambda x: x["input_features"].shape[0] * 1500,
+        lambda module, v, x: module.apply(v, x["input_features"]),
+        lambda model, x: model.encoder(input_features=x["input_features"]).last_hidden_state, (1, 16))
+
+
+def _bert_config():
+    from transformers import BertConfig
+    return BertConfig()  # bert-base-uncased's sizes
+
+
+def _ids(vocab: int, length: int):
+    return lambda b, rng: {"input_ids": rng.integers(0, vocab, (b, length)).astype(np.int32),
+                           "attention_mask": np.ones((b, length), np.int32)}
+
+
+def _llama_config():
+    from transformers import LlamaConfig
+    # ~134M parameters (85M in the blocks): LLaMA-2's vocabulary and layout at GPT-2-small width.
+    return LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                       num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=2048)
+
+
+def _llama_tiny_config():
+    from transformers import LlamaConfig
+    # A smoke-test size (seconds on a CPU): the benchmark's own test runs it.
+    return LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+
+
+def _ast_config():
+    from transformers import ASTConfig
+    return ASTConfig()  # AST-base on 1024 frames x 128 mel bins (1212 patches)
+
+
+BACKBONES: dict[str, Backbone] = {
+    "whisper_base": _whisper(512, 6, 8),
+    "whisper_small": _whisper(768, 12, 12),
+    "bert_base": Backbone(
+        "BertModel", _bert_config, _ids(30522, 128), lambda x: x["input_ids"].size,
+        lambda module, v, x: module.apply(v, x["input_ids"], attention_mask=x["attention_mask"]).last_hidden_state,
+        lambda model, x: model(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).last_hidden_state,
+        (8, 64)),
+    "llama_100m": Backbone(
+        "LlamaForCausalLM", _llama_config, _ids(32000, 256), lambda x: x["input_ids"].size,
+        lambda module, v, x: module.apply(v, x["input_ids"], attention_mask=x["attention_mask"]),
+        lambda model, x: model(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).logits, (4, 32)),
+    "llama_tiny": Backbone(
+        "LlamaForCausalLM", _llama_tiny_config, _ids(128, 32), lambda x: x["input_ids"].size,
+        lambda module, v, x: module.apply(v, x["input_ids"], attention_mask=x["attention_mask"]),
+        lambda model, x: model(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).logits, (2, 2)),
+    "ast": Backbone(
+        "ASTModel", _ast_config,
+        lambda b, rng: {"input_values": rng.standard_normal((b, 1024, 128)).astype(np.float32)},
+        lambda x: x["input_values"].shape[0] * 1214,
+        lambda module, v, x: module.apply(v, x["input_values"])["last_hidden_state"],
+        lambda model, x: model(input_values=x["input_values"]).last_hidden_state, (1, 16)),
+}
+
+
+def _timed(fn, warmup: int, steps: int) -> tuple[list[float], float]:
+    first = None
+    for i in range(warmup):
+        t0 = time.perf_counter()
+        fn()
+        if i == 0:
+            first = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times, first
+
+
+def _transformers():
+    from launch.torch_compat import ensure_torchvision_importable
+    ensure_torchvision_importable()
+    import transformers
+    return transformers
+
+
+def save_reference(name: str, directory: str, seed: int = 0) -> None:
+    """The transformers model with seeded random weights, `save_pretrained` to `directory`."""
+    import torch
+    transformers = _transformers()
+    spec = BACKBONES[name]
+    torch.manual_seed(seed)
+    model = getattr(transformers, spec.hf_class)(spec.hf_config()).eval()
+    model.save_pretrained(directory)
+
+
+def bench_jax(name: str, directory: str, inputs: dict[str, np.ndarray], warmup: int, steps: int,
+              dtype: str) -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+
+    from jaxaudio.convert.hf import convert_hf, hf_module
+    from jaxaudio.train.flops import compiled_flops
+    spec = BACKBONES[name]
+    variables, config = convert_hf(directory, dtype="float32")
+    kwargs = dict(config["kwargs"], dtype=dtype)
+    module, _ = hf_module(config["model"]).build(kwargs)
+    variables = jax.device_put(variables)
+    x = jax.device_put(inputs)
+    t0 = time.perf_counter()
+    compiled = jax.jit(lambda v, x: spec.jax_forward(module, v, x)).lower(variables, x).compile()
+    compile_s = time.perf_counter() - t0
+    out = {}
+
+    def call():
+        out["y"] = compiled(variables, x)
+        jax.block_until_ready(out["y"])
+    times, _ = _timed(call, warmup, steps)
+    y = np.asarray(jnp.asarray(out["y"], jnp.float32))
+    return dict(times=times, compile_s=compile_s, flops=compiled_flops(compiled),
+                params=int(sum(a.size for a in jax.tree.leaves(variables["params"]))), output=y)
+
+
+def bench_torch(name: str, directory: str, input_file: str, warmup: int, steps: int, dtype: str,
+                threads: int) -> dict[str, Any]:
+    """Runs in a spawned process: load the saved model and input, time its forward."""
+    import torch
+    transformers = _transformers()
+    torch.set_num_threads(threads or os.cpu_count())
+    spec = BACKBONES[name]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = getattr(transformers, spec.hf_class).from_pretrained(directory).eval().to(device)
+    data = np.load(input_file)
+    x = {k: torch.from_numpy(data[k]).to(device) for k in data.files}
+    out = {}
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+    def call():
+        with torch.inference_mode(), autocast:
+            out["y"] = spec.torch_forward(model, x)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    times, _ = _timed(call, warmup, steps)
+    return dict(times=times, output=out["y"].float().cpu().numpy(), device=device)
+
+
+def _in_subprocess(fn, *args):
+    import concurrent.futures
+    import multiprocessing
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def run(name: str, *, batch: int | None, steps: int, warmup: int, dtype: str, accelerator: bool,
+        torch: bool = True, torch_threads: int = 0, peak: tuple[float, str] | None = None) -> dict[str, Any]:
+    """Benchmark one backbone; returns a row (times in ms, ratio, tokens/s, MFU)."""
+    spec = BACKBONES[name]
+    batch = batch or spec.default_batch[1 if accelerator else 0]
+    inputs = spec.inputs(batch, np.random.default_rng(0))
+    with tempfile.TemporaryDirectory() as tmp:
+        _in_subprocess(save_reference, name, tmp)
+        jres = bench_jax(name, tmp, inputs, warmup, steps, dtype)
+        row = dict(model=name, batch=batch, dtype=dtype, params=jres["params"], compile_s=jres["compile_s"],
+                   jax_ms=1e3 * statistics.median(jres["times"]), tokens=spec.tokens(inputs))
+        row["jax_tokens_per_s"] = row["tokens"] / (row["jax_ms"] / 1e3)
+        if jres["flops"]:
+            row["jax_tflops_per_s"] = jres["flops"] / (row["jax_ms"] / 1e3) / 1e12
+            if peak:
+                row["mfu"], row["peak"] = row["jax_tflops_per_s"] * 1e12 / peak[0], peak[1]
+        if torch:
+            input_file = os.path.join(tmp, "inputs.npz")
+            np.savez(input_file, **inputs)
+            tres = _in_subprocess(bench_torch, name, tmp, input_file, warmup, steps, dtype, torch_threads)
+            row["torch_ms"] = 1e3 * statistics.median(tres["times"])
+            row["torch_device"] = tres["device"]
+            row["ratio"] = row["torch_ms"] / row["jax_ms"]
+            # Same weights, same input: a wrong conversion would show here too.
+            row["max_abs_diff"] = float(np.max(np.abs(jres["output"] - tres["output"])))
+    return row
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'model':<15}{'batch':>6}{'params':>10}{'JAX ms':>10}{'torch ms':>10}{'ratio':>8}"
+             f"{'tokens/s':>12}{'max|diff|':>11}{'MFU':>7}"]
+    for r in rows:
+        torch_ms = f"{r['torch_ms']:>10.1f}" if "torch_ms" in r else f"{'-':>10}"
+        ratio = f"{r['ratio']:>8.2f}" if "ratio" in r else f"{'-':>8}"
+        diff = f"{r['max_abs_diff']:>11.1e}" if "max_abs_diff" in r else f"{'-':>11}"
+        mfu = f"{100 * r['mfu']:>6.1f}%" if "mfu" in r else f"{'-':>7}"
+        lines.append(f"{r['model']:<15}{r['batch']:>6}{r['params'] / 1e6:>9.1f}M{r['jax_ms']:>10.1f}{torch_ms}"
+                     f"{ratio}{r['jax_tokens_per_s']:>12.0f}{diff}{mfu}")
+    return "\n".join(lines)
