@@ -147,3 +147,28 @@ def test_bad_arguments(setup):
                  do_sample=True, rng=jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="needs rng"):
         generate(m, p, input_ids=ids, max_new_tokens=2, eos_token_id=2, pad_token_id=PAD, do_sample=True)
+
+
+def test_text_round_trip_with_a_trained_tokenizer(setup):
+    """Text in, text out: a tiny BPE tokenizer trained here with `tokenizers` (no hub), the
+    same left-padded prompts through transformers and through us, decoded to equal strings."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    corpus = ["where is the dog barking", "the dog barks on the left", "how far is the bell",
+              "a bell rings far away on the right", "is the sound near or far"] * 20
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=V, special_tokens=["<unk>", "<pad>", "</s>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="</s>",
+                                        padding_side="left")
+    assert tokenizer.pad_token_id == PAD and len(tokenizer) <= V
+    batch = tokenizer(["where is the dog", "how far is the bell on the right"], padding=True, return_tensors="np")
+    eos = tokenizer.eos_token_id
+    want = _hf_generate(setup["hf"], dict(batch), 1, eos)
+    got = generate(setup["model"], setup["params"], input_ids=jnp.asarray(batch["input_ids"]),
+                   attention_mask=jnp.asarray(batch["attention_mask"]), max_new_tokens=N, eos_token_id=eos,
+                   pad_token_id=PAD)
+    prompt_len = batch["input_ids"].shape[1]
+    want_text = tokenizer.batch_decode(_new_tokens(want, prompt_len), skip_special_tokens=True)
+    got_text = tokenizer.batch_decode(np.asarray(got.tokens), skip_special_tokens=True)
+    assert got_text == want_text and any(got_text)
