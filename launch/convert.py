@@ -6,6 +6,8 @@
 
     # Hugging Face checkpoints (whisper, bert, llama, ast): sizes from the source's config.json
     python -m launch.convert --source=path/to/save_pretrained_dir --output=converted/llama [--model=llama]
+    # checkpoints that carry their config (BEATs: cfg + model + label_dict)
+    python -m launch.convert --model=beats --source=BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt --output=converted/beats
 
 `--source` is a weights file, a directory holding one (safetensors, a sharded
 `model.safetensors.index.json`, or a torch `.bin`/`.pth`), or a Hugging Face hub id
@@ -27,7 +29,7 @@ from typing import Any, Callable
 from absl import app, flags
 from ml_collections import ConfigDict, config_flags
 
-from jaxaudio.convert.hf import HF_MODELS
+from jaxaudio.convert.hf import HF_MODELS, SELF_DESCRIBING
 from launch.common import parse_flags, setup_jax
 
 
@@ -71,7 +73,7 @@ DTYPES = ("float32", "bfloat16")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file whose `model` section sizes the model "
                                           "(not needed for Hugging Face checkpoints).", lock_config=True)
-_MODEL = flags.DEFINE_enum("model", None, sorted(CONVERTERS) + sorted(HF_MODELS),
+_MODEL = flags.DEFINE_enum("model", None, sorted(CONVERTERS) + sorted(HF_MODELS) + sorted(SELF_DESCRIBING),
                            "Which model's key map (default: config.task, or config.json's model_type).")
 _SOURCE = flags.DEFINE_string("source", None, "Weights file, directory, or Hugging Face hub id (org/name).")
 _OUTPUT = flags.DEFINE_string("output", None, "Directory for the converted checkpoint.")
@@ -155,14 +157,15 @@ def run(model_name: str, source: str, config: ConfigDict, output: str, dtype: st
 
 def run_hf(source: str, output: str, model_name: str | None = None, dtype: str = "float32",
            allow_pickle: bool = False) -> dict[str, Any]:
-    """Convert a Hugging Face checkpoint (sizes from its config.json) and write it to `output`."""
+    """Convert a Hugging Face checkpoint (sizes from its config.json), or an original one that
+    carries its config (BEATs), and write it to `output`."""
     import jax
     import numpy as np
 
     from jaxaudio.convert import save_converted
-    from jaxaudio.convert.hf import convert_hf
+    from jaxaudio.convert.hf import convert_pretrained
     path = resolve_source(source)
-    variables, config = convert_hf(path, model_name, dtype=dtype, allow_pickle=allow_pickle)
+    variables, config = convert_pretrained(path, model_name, dtype=dtype, allow_pickle=allow_pickle)
     save_converted(output, variables, config)
     leaves = jax.tree.leaves(variables)
     return {
@@ -185,7 +188,7 @@ def main(argv):
     config = _CONFIG.value
     model_name = _MODEL.value or (config.get("task") if config is not None else None)
     try:
-        if model_name is None or model_name in HF_MODELS:
+        if model_name is None or model_name in HF_MODELS or model_name in SELF_DESCRIBING:
             s = run_hf(_SOURCE.value, _OUTPUT.value, model_name, _DTYPE.value, _ALLOW_PICKLE.value)
             model_name = s["model"]
         else:

@@ -27,6 +27,11 @@ HF_MODELS = {
     "bert": "jaxaudio.convert.bert",
     "llama": "jaxaudio.convert.llama",
     "ast": "jaxaudio.convert.ast",
+    "qformer": "jaxaudio.convert.qformer",
+}
+# Original checkpoints that carry their own config (module with `convert_checkpoint` and `build`).
+SELF_DESCRIBING = {
+    "beats": "jaxaudio.convert.beats",
 }
 DTYPES = {"float32": np.float32, "bfloat16": "bfloat16"}
 
@@ -68,6 +73,26 @@ def hf_field(hf: dict[str, Any], key: str, source: str = "config.json") -> Any:
     return hf[key]
 
 
+def _cast(variables: dict[str, Any], dtype: str) -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+    if dtype == "float32":
+        return variables
+    return jax.tree.map(
+        lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16)) if np.issubdtype(a.dtype, np.floating) else a, variables)
+
+
+def convert_pretrained(source: str, model: str | None = None, *, dtype: str = "float32",
+                       allow_pickle: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`convert_hf`, or an original checkpoint that carries its own config (BEATs)."""
+    if model in SELF_DESCRIBING:
+        if dtype not in DTYPES:
+            raise ConversionError(f"dtype={dtype!r}: choose one of {sorted(DTYPES)}")
+        variables, config = importlib.import_module(SELF_DESCRIBING[model]).convert_checkpoint(source, allow_pickle)
+        return _cast(variables, dtype), {**config, "dtype": dtype}
+    return convert_hf(source, model, dtype=dtype, allow_pickle=allow_pickle)
+
+
 def convert_hf(source: str, model: str | None = None, *, dtype: str = "float32",
                allow_pickle: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     """Convert a local Hugging Face checkpoint; returns `(variables, config)`.
@@ -77,7 +102,6 @@ def convert_hf(source: str, model: str | None = None, *, dtype: str = "float32",
     """
     import flax.linen as nn
     import jax
-    import jax.numpy as jnp
 
     if dtype not in DTYPES:
         raise ConversionError(f"dtype={dtype!r}: choose one of {sorted(DTYPES)}")
@@ -88,21 +112,19 @@ def convert_hf(source: str, model: str | None = None, *, dtype: str = "float32",
     state_dict = load_state_dict(source, allow_pickle=allow_pickle)
     module, example = mod.build(kwargs)
     expected = nn.unbox(jax.eval_shape(module.init, jax.random.PRNGKey(0), *example))
-    variables = convert(state_dict, mod.key_map(module), expected, dtype=np.float32, source_name=source)
-    if dtype == "bfloat16":
-        variables = jax.tree.map(
-            lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16)) if np.issubdtype(a.dtype, np.floating) else a,
-            variables)
+    variables = _cast(convert(state_dict, mod.key_map(module), expected, dtype=np.float32, source_name=source), dtype)
     return variables, {"model": name, "kwargs": kwargs, "dtype": dtype, "source_model_type": hf_config.get("model_type"),
                        "source_tensors": len(state_dict)}
 
 
 def load_pretrained(out_dir: str) -> tuple[Any, dict[str, Any]]:
     """`(module, variables)` from a checkpoint written by `launch/convert.py` for a
-    Hugging Face model."""
+    Hugging Face model or a self-describing original checkpoint (BEATs)."""
     variables, config = load_converted(out_dir)
     if "model" not in config or "kwargs" not in config:
         raise ConversionError(f"{out_dir}: config.json is not a converted Hugging Face model "
                               "(it needs 'model' and 'kwargs')")
-    module, _ = hf_module(config["model"]).build(config["kwargs"])
+    name = config["model"]
+    mod = importlib.import_module(SELF_DESCRIBING[name]) if name in SELF_DESCRIBING else hf_module(name)
+    module, _ = mod.build(config["kwargs"])
     return module, variables

@@ -8,6 +8,8 @@ key/value heads, cross-attention context, rotary position embeddings (`rope_thet
 dropout on the attention probabilities (BERT's `attention_probs_dropout_prob`) and an
 autoregressive KV cache (`decode=True`).
 """
+from typing import Callable
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -79,7 +81,10 @@ class MultiHeadAttention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None, *, mask: jax.Array | None = None,
                  bias: jax.Array | None = None, is_causal: bool = False,
-                 positions: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+                 positions: jax.Array | None = None, deterministic: bool = True,
+                 bias_fn: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+        """`bias_fn(q)`, given the projected queries `[batch, q_len, heads, head_dim]` (before
+        scaling), returns an extra additive bias (BEATs' query-gated relative positions)."""
         embed = x.shape[-1]
         head_dim = self.head_dim or embed // self.num_heads
         kv_heads = self.num_kv_heads or self.num_heads
@@ -102,6 +107,9 @@ class MultiHeadAttention(nn.Module):
                 positions = self._default_positions(x.shape[0], x.shape[1])
             q = apply_rotary(q, positions, self.rope_theta)
             k = apply_rotary(k, positions, self.rope_theta)
+        if bias_fn is not None:
+            extra = bias_fn(q)
+            bias = extra if bias is None else bias + extra
         if self.decode:
             k, v, mask = self._update_cache(k, v, mask)
             is_causal = False  # the cache mask already encodes causality

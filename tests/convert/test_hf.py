@@ -22,7 +22,8 @@ def test_every_registered_converter_has_the_interface():
 
 
 @pytest.mark.parametrize("model_type, name", [("llama", "llama"), ("bert", "bert"), ("whisper", "whisper"),
-                                              ("audio-spectrogram-transformer", "ast")])
+                                              ("audio-spectrogram-transformer", "ast"),
+                                              ("blip_2_qformer", "qformer")])
 def test_model_type_picks_the_converter(model_type, name):
     assert detect_model({"model_type": model_type}, "src") == name
 
