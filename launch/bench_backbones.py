@@ -81,6 +81,27 @@ def _ast_config():
     return ASTConfig()  # AST-base on 1024 frames x 128 mel bins (1212 patches)
 
 
+def _qformer_config(layers: int, cross_every: int, encoder_width: int):
+    from transformers import Blip2QFormerConfig
+    return Blip2QFormerConfig(num_hidden_layers=layers, cross_attention_frequency=cross_every,
+                              encoder_hidden_size=encoder_width)
+
+
+def _qformer(layers, cross_every, encoder_width, queries, frames, default_batch) -> Backbone:
+    """BERT-base-wide Q-Former over `frames` encoder states: BAT's projector (8 layers, cross
+    every 2nd, 64 queries over Spatial-AST's 515 tokens) or SALMONN's window Q-Former (2 layers,
+    cross in each, 1 query per window of 17 fused frames: 88 windows per 30 s clip)."""
+    return Backbone(
+        "Blip2QFormerModel", lambda: _qformer_config(layers, cross_every, encoder_width),
+        lambda b, rng: {"query_embeds": rng.standard_normal((b, queries, 768)).astype(np.float32),
+                        "encoder_hidden_states": rng.standard_normal((b, frames, encoder_width)).astype(np.float32)},
+        lambda x: x["encoder_hidden_states"].shape[0] * x["encoder_hidden_states"].shape[1],
+        lambda module, v, x: module.apply(v, x["query_embeds"], x["encoder_hidden_states"]),
+        lambda model, x: model(query_embeds=x["query_embeds"],
+                               encoder_hidden_states=x["encoder_hidden_states"]).last_hidden_state,
+        default_batch)
+
+
 BACKBONES: dict[str, Backbone] = {
     "whisper_base": _whisper(512, 6, 8),
     "whisper_small": _whisper(768, 12, 12),
@@ -93,6 +114,8 @@ BACKBONES: dict[str, Backbone] = {
         "LlamaForCausalLM", _llama_config, _ids(32000, 256), lambda x: x["input_ids"].size,
         lambda module, v, x: module.apply(v, x["input_ids"], attention_mask=x["attention_mask"]),
         lambda model, x: model(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).logits, (4, 32)),
+    "qformer_bat": _qformer(8, 2, 768, 64, 515, (8, 64)),
+    "qformer_salmonn": _qformer(2, 1, 2048, 1, 17, (88, 88 * 16)),  # a batch = one 30 s clip's windows
     "llama_tiny": Backbone(
         "LlamaForCausalLM", _llama_tiny_config, _ids(128, 32), lambda x: x["input_ids"].size,
         lambda module, v, x: module.apply(v, x["input_ids"], attention_mask=x["attention_mask"]),
