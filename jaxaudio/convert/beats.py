@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from jaxaudio.convert.engine import ConversionError, Ignore, KeyMap, Rule, conv2d, identity, linear
+from jaxaudio.convert.engine import ConversionError, Ignore, KeyMap, Merge, Rule, conv2d, identity, linear
 from jaxaudio.models.beats import ACTIVATIONS, BEATs, NUM_MEL_BINS
 
 # BEATsConfig fields that fix the architecture: a checkpoint's cfg must have them.
@@ -71,51 +71,16 @@ def _conv1d(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return x.transpose(2, 1, 0).reshape(shape)
 
 
-def _weight_norm_folder():
-    """(check for `weight_g`, transform for `weight_v`) sharing the remembered `g`."""
-    seen: dict[str, np.ndarray] = {}
-
-    def remember_g(g: np.ndarray) -> str | None:
-        if g.ndim != 3 or g.shape[:2] != (1, 1):
-            return f"weight_g has shape {g.shape}; weight norm over dim 2 gives [1, 1, kernel]"
-        seen["g"] = g
-        return None
-
-    def fold_v(v: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
-        g = seen.pop("g", None)
-        if g is None or v.ndim != 3 or g.shape[2] != v.shape[2]:
-            return None  # reported as mis-shaped; load_beats_checkpoint names a missing weight_g first
-        v64 = v.astype(np.float64)
-        w = g.astype(np.float64) * v64 / np.sqrt(np.sum(v64 * v64, axis=(0, 1), keepdims=True))
-        return _conv1d(w.astype(np.float32), shape)
-
-    return remember_g, fold_v
-
-
-def _shared_bias_checker():
-    """(transform for layer 0's relative_attention_bias, check for the other layers' copies)."""
-    seen: dict[str, np.ndarray] = {}
-
-    def keep(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-        seen["layer0"] = x
-        return x.reshape(shape)
-
-    def same(x: np.ndarray) -> str | None:
-        ref = seen.get("layer0")
-        if ref is None:
-            return "layer 0's relative_attention_bias is missing (it is the one the original uses)"
-        if x.shape != ref.shape or not np.array_equal(x, ref):
-            return ("differs from layer 0's; the original shares one module across layers, so the copies "
-                    "must be equal")
-        return None
-
-    return keep, same
+def _fold_weight_norm(parts: dict[str, np.ndarray]) -> np.ndarray:
+    """`weight_norm(dim=2)`: w = g * v / ||v||, the norm over dims 0 and 1 (g is [1, 1, kernel])."""
+    g, v = parts["g"].astype(np.float64), parts["v"].astype(np.float64)
+    if v.ndim != 3 or g.shape != (1, 1, v.shape[2]):
+        raise ValueError(f"weight_g {g.shape} / weight_v {v.shape}: weight norm over dim 2 needs [1, 1, k] / [out, in, k]")
+    return (g * v / np.sqrt(np.sum(v * v, axis=(0, 1), keepdims=True))).astype(np.float32)
 
 
 def key_map(module: BEATs) -> KeyMap:
-    """Original state-dict keys -> our variables. Call once per conversion (it keeps state)."""
-    remember_g, fold_v = _weight_norm_folder()
-    keep_bias, same_bias = _shared_bias_checker()
+    """Original state-dict keys -> our variables."""
     layer = r"encoder\.layers\.(\d+)\."
     conv = r"encoder\.pos_conv\.0\."
     rules = [
@@ -125,13 +90,11 @@ def key_map(module: BEATs) -> KeyMap:
         Rule(r"layer_norm\.bias", "params/layer_norm/bias"),
         Rule(r"post_extract_proj\.weight", "params/post_extract_proj/kernel", linear),
         Rule(r"post_extract_proj\.bias", "params/post_extract_proj/bias"),
-        Rule(conv + r"(weight_v|parametrizations\.weight\.original1)", "params/pos_conv/kernel", fold_v),
         Rule(conv + r"weight", "params/pos_conv/kernel", _conv1d),
         Rule(conv + r"bias", "params/pos_conv/bias"),
         Rule(r"encoder\.layer_norm\.weight", "params/encoder_layer_norm/scale"),
         Rule(r"encoder\.layer_norm\.bias", "params/encoder_layer_norm/bias"),
-        Rule(r"encoder\.layers\.0\.self_attn\.relative_attention_bias\.weight", "params/relative_attention_bias",
-             keep_bias),
+        Rule(r"encoder\.layers\.0\.self_attn\.relative_attention_bias\.weight", "params/relative_attention_bias"),
         Rule(layer + r"self_attn\.q_proj\.weight", r"params/layers_\1/self_attn/query/kernel", linear),
         Rule(layer + r"self_attn\.k_proj\.weight", r"params/layers_\1/self_attn/key/kernel", linear),
         Rule(layer + r"self_attn\.v_proj\.weight", r"params/layers_\1/self_attn/value/kernel", linear),
@@ -151,15 +114,18 @@ def key_map(module: BEATs) -> KeyMap:
         Rule(r"predictor\.bias", "params/predictor/bias"),
     ]
     ignore = [
-        Ignore(conv + r"(weight_g|parametrizations\.weight\.original0)",
-               "weight-norm magnitude, folded into the positional conv kernel with weight_v", remember_g),
         Ignore(r"encoder\.layers\.[1-9]\d*\.self_attn\.relative_attention_bias\.weight",
-               "a copy of layer 0's table (one module shared by all layers)", same_bias),
+               "a copy of layer 0's table (one module shared by all layers)",
+               same_as=["encoder.layers.0.self_attn.relative_attention_bias.weight"]),
     ]
     if module.gru_rel_pos and not module.relative_position_embedding:
         ignore.append(Ignore(layer + r"self_attn\.(grep_linear\.weight|grep_linear\.bias|grep_a)",
                              "the gate only scales the relative position bias, which this model has not"))
-    return KeyMap(rules=rules, ignore=ignore)
+    # Weight norm, old (`weight_g`/`weight_v`) and new (`parametrizations.weight.original0/1`) spelling.
+    merge = [Merge(r"(encoder\.pos_conv\.0\.)weight_(?P<part>g|v)", r"\1weight", ("g", "v"), _fold_weight_norm),
+             Merge(r"(encoder\.pos_conv\.0\.)parametrizations\.weight\.original(?P<part>[01])", r"\1weight",
+                   ("0", "1"), lambda p: _fold_weight_norm({"g": p["0"], "v": p["1"]}))]
+    return KeyMap(rules=rules, ignore=ignore, merge=merge)
 
 
 def convert_checkpoint(path: str, allow_pickle: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -184,10 +150,6 @@ def convert_checkpoint(path: str, allow_pickle: bool = False) -> tuple[dict[str,
     if not isinstance(ckpt.get("cfg"), Mapping):
         raise ConversionError(f"{file}: no 'cfg' dict (the BEATsConfig fields); top-level keys: {sorted(ckpt)}")
     kwargs = config_from_checkpoint(ckpt["cfg"], source=f"{file} cfg")
-    for g in (r"encoder.pos_conv.0.weight_g", "encoder.pos_conv.0.parametrizations.weight.original0"):
-        v = g.replace("weight_g", "weight_v").replace("original0", "original1")
-        if (g in state_dict) != (v in state_dict):
-            raise ConversionError(f"{file}: weight-normed positional conv needs both {g} and {v}")
     module, example = build(kwargs)
     expected = nn.unbox(jax.eval_shape(module.init, jax.random.PRNGKey(0), *example))
     variables = convert(state_dict, key_map(module), expected, source_name=file)

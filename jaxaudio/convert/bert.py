@@ -12,7 +12,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from jaxaudio.convert.engine import ConversionError, Ignore, KeyMap, Rule, identity, linear
+from jaxaudio.convert.engine import ConversionError, Ignore, KeyMap, Rule, linear
 from jaxaudio.convert.hf import hf_field
 from jaxaudio.models.bert import Bert
 
@@ -84,30 +84,6 @@ def build(kwargs: dict[str, Any]) -> tuple[Bert, tuple]:
     return Bert(**kwargs), (jnp.zeros((1, 4), jnp.int32),)
 
 
-class _Tied:
-    """A checkpoint's copy of a tensor that the model shares with another: the mapped
-    original is remembered, the copy is checked equal to it and dropped.
-
-    The engine reads keys in sorted order, so `bert.embeddings.*` precedes `cls.*` and
-    `cls.predictions.bias` precedes `cls.predictions.decoder.bias`.
-    """
-
-    def __init__(self, original: str):
-        self.original = original
-        self.value: np.ndarray | None = None
-
-    def keep(self, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-        self.value = x
-        return identity(x, shape)
-
-    def check(self, x: np.ndarray) -> str | None:
-        if self.value is None:
-            return f"tied to {self.original}, which the checkpoint does not hold (before this key)"
-        if x.shape != self.value.shape or not np.array_equal(x, self.value):
-            return f"differs from {self.original}, to which it is tied here (untied checkpoints are not supported)"
-        return None
-
-
 def _is_arange(x: np.ndarray) -> str | None:
     if not np.array_equal(x.reshape(-1), np.arange(x.size)):
         return "not 0, 1, 2, ...: the default positions here are, so this checkpoint would run differently"
@@ -119,10 +95,9 @@ def key_map(model: Bert) -> KeyMap:
     p = r"(?:bert\.)?"
     layer = p + r"encoder\.layer\.(\d+)\."
     to = r"params/layers_\1/"
-    words, bias = _Tied("bert.embeddings.word_embeddings.weight"), _Tied("cls.predictions.bias")
     return KeyMap(
         rules=[
-            Rule(p + r"embeddings\.word_embeddings\.weight", "params/embeddings/word_embeddings", words.keep),
+            Rule(p + r"embeddings\.word_embeddings\.weight", "params/embeddings/word_embeddings"),
             Rule(p + r"embeddings\.(position_embeddings|token_type_embeddings)\.weight", r"params/embeddings/\1"),
             Rule(p + r"embeddings\.LayerNorm\.weight", "params/embeddings/norm/scale"),
             Rule(p + r"embeddings\.LayerNorm\.bias", "params/embeddings/norm/bias"),
@@ -142,15 +117,15 @@ def key_map(model: Bert) -> KeyMap:
             Rule(r"cls\.predictions\.transform\.dense\.bias", "params/mlm/transform/bias"),
             Rule(r"cls\.predictions\.transform\.LayerNorm\.weight", "params/mlm/transform_norm/scale"),
             Rule(r"cls\.predictions\.transform\.LayerNorm\.bias", "params/mlm/transform_norm/bias"),
-            Rule(r"cls\.predictions\.bias", "params/mlm/bias", bias.keep),
+            Rule(r"cls\.predictions\.bias", "params/mlm/bias"),
             Rule(r"classifier\.weight", "params/classifier/kernel", linear),
             Rule(r"classifier\.bias", "params/classifier/bias"),
         ],
         ignore=[
             Ignore(r"cls\.predictions\.decoder\.weight", "the MLM decoder is the word embedding matrix (tied)",
-                   words.check),
+                   same_as=["bert.embeddings.word_embeddings.weight", "embeddings.word_embeddings.weight"]),
             Ignore(r"cls\.predictions\.decoder\.bias", "the MLM decoder's bias is cls.predictions.bias (tied)",
-                   bias.check),
+                   same_as=["cls.predictions.bias"]),
             Ignore(p + r"embeddings\.position_ids", "buffer: 0..max_position_embeddings-1, the default positions",
                    _is_arange),
             Ignore(p + r"embeddings\.token_type_ids", "buffer of zeros: the default token types"),

@@ -44,10 +44,29 @@ class Rule:
 
 @dataclasses.dataclass(frozen=True)
 class Ignore:
-    """Source keys dropped on purpose. `check(array) -> error message or None` runs first."""
+    """Source keys dropped on purpose. `check(array) -> error message or None` runs first.
+
+    `same_as`: the key is a tied copy of another source key (the first of these templates,
+    expanded with the match's groups, that the checkpoint holds); it must be equal to it.
+    """
     source: str
     reason: str
     check: Callable[[np.ndarray], str | None] | None = None
+    same_as: Sequence[str] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Merge:
+    """Several source keys that make one tensor (e.g. weight norm's `weight_g` + `weight_v`).
+
+    Keys matching `source` (a regex with a named group `part`) are grouped by
+    `match.expand(into)`; when a group holds every one of `parts`, `fn({part: array})`
+    becomes the key `into` names, which the rules then map. An incomplete group is an error.
+    """
+    source: str
+    into: str
+    parts: Sequence[str]
+    fn: Callable[[dict[str, np.ndarray]], np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +76,7 @@ class KeyMap:
     rules: Sequence[Rule]
     ignore: Sequence[Ignore] = ()
     optional: str | None = None
+    merge: Sequence[Merge] = ()
 
 
 def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
@@ -78,6 +98,40 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _merge(state_dict: Mapping[str, np.ndarray], merges: Sequence[Merge]) -> tuple[dict[str, Any], list[str]]:
+    """Apply the `Merge`s: their parts leave the dict and the merged tensors enter it."""
+    out, failed = dict(state_dict), []
+    for merge in merges:
+        pattern, groups = re.compile(merge.source), {}
+        for key in sorted(out):
+            if m := pattern.fullmatch(key):
+                groups.setdefault(m.expand(merge.into), {})[m["part"]] = out.pop(key)
+        for into, parts in sorted(groups.items()):
+            if set(parts) != set(merge.parts):
+                failed.append(f"{into}: needs {sorted(merge.parts)}, the checkpoint has {sorted(parts)}")
+                continue
+            try:
+                out[into] = merge.fn({p: np.asarray(a) for p, a in parts.items()})
+            except ValueError as e:
+                failed.append(f"{into}: {e}")
+    return out, failed
+
+
+def _check_ignored(rule: Ignore, key: str, value: np.ndarray, state_dict: Mapping[str, Any]) -> str | None:
+    if rule.check is not None and (msg := rule.check(value)):
+        return msg
+    if rule.same_as:
+        m = re.fullmatch(rule.source, key)
+        names = [m.expand(t) for t in rule.same_as]
+        other = next((n for n in names if n in state_dict), None)
+        if other is None:
+            return f"tied to {' or '.join(names)}, which the checkpoint does not hold"
+        ref = np.asarray(state_dict[other])
+        if ref.shape != value.shape or not np.array_equal(ref, value):
+            return f"differs from {other}, to which it is tied (untied checkpoints are not supported)"
+    return None
+
+
 def _fmt(items: Sequence[str], limit: int = 40) -> str:
     shown = "\n    ".join(items[:limit])
     more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
@@ -93,18 +147,18 @@ def convert(state_dict: Mapping[str, np.ndarray], key_map: KeyMap, expected: Map
     floating arrays cast to `dtype`. Raises `ConversionError` listing every problem.
     """
     want = {k: tuple(v.shape) for k, v in flatten(expected).items()}
+    state_dict, failed = _merge(state_dict, key_map.merge)
     compiled = [(re.compile(r.source), r) for r in key_map.rules]
     ignored = [(re.compile(i.source), i) for i in key_map.ignore]
     out: dict[str, np.ndarray] = {}
-    unexpected, mismatched, failed, duplicate = [], [], [], []
+    unexpected, mismatched, duplicate = [], [], []
     seen_targets: set[str] = set()
     for key in sorted(state_dict):
         value = np.asarray(state_dict[key])
         rule_hit = [(m, r) for pat, r in compiled if (m := pat.fullmatch(key))]
         ignore_hit = [i for pat, i in ignored if pat.fullmatch(key)]
         if ignore_hit:
-            check = ignore_hit[0].check
-            if check is not None and (msg := check(value)):
+            if msg := _check_ignored(ignore_hit[0], key, value, state_dict):
                 failed.append(f"{key}: {msg}")
             continue
         if not rule_hit:

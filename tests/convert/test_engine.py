@@ -281,3 +281,31 @@ def test_save_and_load_converted_round_trip(tmp_path):
 def test_load_converted_needs_config(tmp_path):
     with pytest.raises(ConversionError, match="no config.json"):
         load_converted(str(tmp_path))
+
+
+def test_merge_folds_several_keys_and_reports_incomplete_groups():
+    """`Merge` builds one tensor from parts (weight norm's g and v) before the rules map it."""
+    from jaxaudio.convert import Merge
+    km = KeyMap(rules=[Rule(r"(a|b)\.weight", r"params/\1/kernel")],
+                merge=[Merge(r"(a|b)\.weight_(?P<part>g|v)", r"\1.weight", ("g", "v"),
+                             lambda p: p["g"] * p["v"])])
+    expected = {"params": {"a": {"kernel": np.zeros((2,))}, "b": {"kernel": np.zeros((2,))}}}
+    sd = {"a.weight_g": np.array([2.0, 3.0]), "a.weight_v": np.array([1.0, -1.0]),
+          "b.weight_g": np.array([1.0, 1.0]), "b.weight_v": np.array([4.0, 5.0])}
+    out = convert(sd, km, expected)
+    np.testing.assert_array_equal(out["params"]["a"]["kernel"], [2.0, -3.0])
+    np.testing.assert_array_equal(out["params"]["b"]["kernel"], [4.0, 5.0])
+    del sd["b.weight_v"]
+    with pytest.raises(ConversionError, match=r"b\.weight: needs \['g', 'v'\], the checkpoint has \['g'\]"):
+        convert(sd, km, expected)
+
+
+def test_ignored_tied_copies_must_equal_their_original():
+    km = KeyMap(rules=[Rule(r"emb", "params/emb")],
+                ignore=[Ignore(r"head\.(\d)", "tied", same_as=[r"missing\1", "emb"])])
+    expected = {"params": {"emb": np.zeros((3,))}}
+    convert({"emb": np.ones(3), "head.0": np.ones(3)}, km, expected)
+    with pytest.raises(ConversionError, match="head.0: differs from emb"):
+        convert({"emb": np.ones(3), "head.0": np.zeros(3)}, km, expected)
+    with pytest.raises(ConversionError, match=r"tied to missing0 or emb, which the checkpoint does not hold"):
+        convert({"head.0": np.ones(3)}, KeyMap(rules=[], ignore=km.ignore), {})
