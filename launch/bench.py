@@ -1,8 +1,10 @@
 """Benchmarks against PyTorch in the same run: the Spatial-AST train step, and the forward
-pass of each converted backbone against transformers (`launch/bench_backbones.py`).
+pass of each converted backbone against transformers (`launch/bench_backbones.py`), and of
+BEATs against a PyTorch BEATs of our own (`launch/bench_beats.py`).
 
     python -m launch.bench --model=backbones --steps=5            # whisper, bert, llama, ast forwards
     python -m launch.bench --model=llama_100m --batch=8
+    python -m launch.bench --model=beats --steps=3 --warmup=1
     python -m launch.bench --model=spatial_ast --size=tiny --batch=8 --steps=10 --warmup=2
     python -m launch.bench --size=both --steps=3 --warmup=1 --json=/tmp/bench.json
     python -m launch.bench --size=full --batch=64 --dtype=bfloat16 --notorch     # on a GPU
@@ -40,9 +42,11 @@ from typing import Any
 from absl import app, flags
 
 from launch.bench_backbones import BACKBONES, format_rows, run as run_backbone  # noqa: E402
+from launch.bench_beats import SIZES as BEATS, run as run_beats  # noqa: E402
 
-_MODEL = flags.DEFINE_enum("model", "spatial_ast", ["spatial_ast", "backbones", *BACKBONES],
-                           "spatial_ast: the train step; backbones (all) or one backbone: the forward pass.")
+_MODEL = flags.DEFINE_enum("model", "spatial_ast", ["spatial_ast", "backbones", *BACKBONES, *BEATS],
+                           "spatial_ast: the train step; backbones (all) or one backbone: the forward pass "
+                           "(beats: against our own PyTorch BEATs, launch/bench_beats.py).")
 _SIZE = flags.DEFINE_enum("size", "tiny", ["tiny", "full", "both"],
                           "tiny = configs/spatial_ast_tiny.py, full = configs/spatial_ast.py (ViT-B, 10 s clips).")
 _BATCH = flags.DEFINE_integer("batch", None, "Global batch size (default: tiny 8, full 2 on CPU / 32 on accelerators).")
@@ -380,8 +384,9 @@ def main_backbones(names: list[str], dtype: str, accel: bool, peak) -> None:
         warmup = max(1, _WARMUP.value if _WARMUP.value is not None else 2)
         print(f"[{name}] JAX {jax.devices()[0].device_kind} vs PyTorch, {dtype}, {warmup} warmup + {steps} timed "
               "forwards ...", flush=True)
-        rows.append(run_backbone(name, batch=_BATCH.value, steps=steps, warmup=warmup, dtype=dtype, accelerator=accel,
-                                 torch=_TORCH.value, torch_threads=_TORCH_THREADS.value, peak=peak))
+        bench = run_beats if name in BEATS else run_backbone
+        rows.append(bench(name, batch=_BATCH.value, steps=steps, warmup=warmup, dtype=dtype, accelerator=accel,
+                          torch=_TORCH.value, torch_threads=_TORCH_THREADS.value, peak=peak))
     print()
     print(format_rows(rows))
     print("ratio = PyTorch ms / JAX ms (> 1: JAX faster); max|diff| = largest output difference (same weights)")
@@ -408,7 +413,8 @@ def main(argv):
     dtype = _DTYPE.value or ("bfloat16" if accel else "float32")
     if _MODEL.value != "spatial_ast":
         peak = (_PEAK.value * 1e12, f"--peak_tflops={_PEAK.value:g}") if _PEAK.value else peak_flops(device_kind, dtype)
-        names = [n for n in BACKBONES if not n.endswith("_tiny")] if _MODEL.value == "backbones" else [_MODEL.value]
+        names = ([n for n in [*BACKBONES, *BEATS] if not n.endswith("_tiny")] if _MODEL.value == "backbones"
+                 else [_MODEL.value])
         main_backbones(names, dtype, accel, peak)
         return
     sizes = ["tiny", "full"] if _SIZE.value == "both" else [_SIZE.value]

@@ -48,3 +48,27 @@ def test_bench_backbone_forward_against_transformers(tmp_path):
     assert math.isclose(row["ratio"], row["torch_ms"] / row["jax_ms"], rel_tol=1e-9)
     assert row["max_abs_diff"] < 1e-4  # the same converted weights give the same logits
     assert "llama_tiny" in proc.stdout and "ratio" in proc.stdout
+
+
+def test_bench_beats_against_own_torch_reference(tmp_path):
+    """`--model=beats_tiny`: our PyTorch BEATs (checked first against the original's golden
+    features) and the JAX BEATs converted from its state dict give the same features."""
+    from launch.bench_beats import golden_max_error
+    err = golden_max_error(os.path.join(ROOT, "tests", "golden", "beats_tiny.npz"))
+    assert err < 1e-4, f"torch reference vs the original's features: max abs err {err:.2e} >= 1e-4"
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.bench", "--model=beats_tiny", "--steps=2", "--warmup=1", f"--json={out}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["model"] == "beats_tiny" and row["batch"] == 2 and row["dtype"] == "float32"
+    assert row["tokens"] == 2 * 12 * 8  # 2 s: 198 fbank frames -> 12 time x 8 frequency patches
+    assert row["params"] > 0 and row["compile_s"] > 0 and row["torch_device"] == "cpu"
+    assert row["jax_ms"] > 0 and row["torch_ms"] > 0
+    assert math.isclose(row["jax_tokens_per_s"], row["tokens"] / (row["jax_ms"] / 1e3), rel_tol=1e-9)
+    assert math.isclose(row["ratio"], row["torch_ms"] / row["jax_ms"], rel_tol=1e-9)
+    assert row["max_abs_diff"] < 1e-4, f"JAX vs torch features: max abs diff {row['max_abs_diff']:.2e} >= 1e-4"
+    assert "beats_tiny" in proc.stdout and "ratio" in proc.stdout
