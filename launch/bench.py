@@ -378,6 +378,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def main_backbones(names: list[str], dtype: str, accel: bool, peak) -> None:
     import jax
+    load_before = os.getloadavg()[0]
+    if load_before > 0.5 * os.cpu_count():
+        print(f"warning: load average {load_before:.1f} on {os.cpu_count()} CPUs: other processes share the "
+              "machine and the timings will be slower and noisier", flush=True)
     rows = []
     for name in names:
         steps = _STEPS.value or 5
@@ -390,9 +394,10 @@ def main_backbones(names: list[str], dtype: str, accel: bool, peak) -> None:
     print()
     print(format_rows(rows))
     print("ratio = PyTorch ms / JAX ms (> 1: JAX faster); max|diff| = largest output difference (same weights)")
+    print(f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} CPUs")
     if _JSON.value:
         out = dict(model=_MODEL.value, device_kind=jax.devices()[0].device_kind, dtype=dtype, cpu_count=os.cpu_count(),
-                   load_average=os.getloadavg()[0], jax_version=jax.__version__, results=rows)
+                   load_average=dict(before=load_before, after=os.getloadavg()[0]), jax_version=jax.__version__, results=rows)
         os.makedirs(os.path.dirname(os.path.abspath(_JSON.value)), exist_ok=True)
         with open(_JSON.value, "w") as f:
             json.dump(out, f, indent=2)
