@@ -8,6 +8,10 @@
     python -m launch.convert --source=path/to/save_pretrained_dir --output=converted/llama [--model=llama]
     # checkpoints that carry their config (BEATs: cfg + model + label_dict)
     python -m launch.convert --model=beats --source=BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt --output=converted/beats
+    # BAT from its three parts: --source (or --bat) is BAT's model.pt; the LLM's sizes come from
+    # its config.json, the rest are the original's
+    python -m launch.convert --model=bat --source=BAT/model.pt --spatial_ast=SpatialAST/finetuned.pth \
+        --llama=Llama-2-7b-hf --output=converted/bat
 
 `--source` is a weights file, a directory holding one (safetensors, a sharded
 `model.safetensors.index.json`, or a torch `.bin`/`.pth`), or a Hugging Face hub id
@@ -73,7 +77,8 @@ DTYPES = ("float32", "bfloat16")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file whose `model` section sizes the model "
                                           "(not needed for Hugging Face checkpoints).", lock_config=True)
-_MODEL = flags.DEFINE_enum("model", None, sorted(CONVERTERS) + sorted(HF_MODELS) + sorted(SELF_DESCRIBING),
+_MODEL = flags.DEFINE_enum("model", None,
+                           sorted(CONVERTERS) + sorted(HF_MODELS) + sorted(SELF_DESCRIBING) + ["bat"],
                            "Which model's key map (default: config.task, or config.json's model_type).")
 _SOURCE = flags.DEFINE_string("source", None, "Weights file, directory, or Hugging Face hub id (org/name).")
 _OUTPUT = flags.DEFINE_string("output", None, "Directory for the converted checkpoint.")
@@ -81,7 +86,13 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", DTYPES, "Storage dtype of the par
 _ALLOW_PICKLE = flags.DEFINE_bool("allow_pickle", False, "Fully unpickle .pth/.bin files (runs code: trusted files only).")
 _STATE_KEY = flags.DEFINE_string("state_key", None, "Sub-dict of the checkpoint holding the tensors (e.g. model); "
                                  "default: a top-level 'model' or 'state_dict' entry if there is one.")
-flags.mark_flags_as_required(["source", "output"])
+flags.mark_flag_as_required("output")
+_SPATIAL_AST = flags.DEFINE_string("spatial_ast", None, "--model=bat: Spatial-AST finetuned.pth.")
+_BAT = flags.DEFINE_string("bat", None, "--model=bat: BAT's model.pt (projector + LoRA), instead of --source.")
+flags.register_multi_flags_validator(
+    ["source", "bat", "model"], lambda f: bool(f["source"] or (f["model"] == "bat" and f["bat"])),
+    "--source is required (for --model=bat: --bat, or --source)")
+_LLAMA = flags.DEFINE_string("llama", None, "--model=bat: the Hugging Face LLaMA-2 directory.")
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 _HUB_PATTERNS = ["*.safetensors", "*.json", "*.bin", "*.pth", "*.pt", "*.ckpt"]
@@ -180,6 +191,32 @@ def run_hf(source: str, output: str, model_name: str | None = None, dtype: str =
     }
 
 
+def run_bat(spatial_ast: str, bat: str, llama: str, output: str, dtype: str = "float32",
+            allow_pickle: bool = False, **sizes: Any) -> dict[str, Any]:
+    """Convert BAT's three checkpoints (`jaxaudio.convert.bat.convert_bat`; `sizes`: its
+    `encoder`/`projector`/`lora` kwargs, the original's by default) and write them to
+    `output`; `jaxaudio.convert.bat.load_bat(output)` reads the result back."""
+    import jax
+    import numpy as np
+
+    from jaxaudio.convert import save_converted
+    from jaxaudio.convert.bat import convert_bat
+    variables, config = convert_bat(resolve_source(spatial_ast), resolve_source(bat), resolve_source(llama),
+                                    allow_pickle=allow_pickle, dtype=dtype, **sizes)
+    save_converted(output, variables, config)
+    leaves = jax.tree.leaves(variables)
+    return {
+        "model": "bat",
+        "source": ", ".join(config["sources"].values()),
+        "source_tensors": config["source_tensors"],
+        "tensors": len(leaves),
+        "parameters": sum(int(np.prod(a.shape)) for a in jax.tree.leaves(variables["params"])),
+        "collections": {k: len(jax.tree.leaves(v)) for k, v in variables.items()},
+        "bytes": sum(a.nbytes for a in leaves),
+        "output": os.path.abspath(output),
+    }
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -188,7 +225,12 @@ def main(argv):
     config = _CONFIG.value
     model_name = _MODEL.value or (config.get("task") if config is not None else None)
     try:
-        if model_name is None or model_name in HF_MODELS or model_name in SELF_DESCRIBING:
+        if model_name == "bat":
+            if not (_SPATIAL_AST.value and _LLAMA.value):
+                raise app.UsageError("--model=bat needs --spatial_ast and --llama (and --bat or --source)")
+            s = run_bat(_SPATIAL_AST.value, _BAT.value or _SOURCE.value, _LLAMA.value, _OUTPUT.value, _DTYPE.value,
+                        _ALLOW_PICKLE.value)
+        elif model_name is None or model_name in HF_MODELS or model_name in SELF_DESCRIBING:
             s = run_hf(_SOURCE.value, _OUTPUT.value, model_name, _DTYPE.value, _ALLOW_PICKLE.value)
             model_name = s["model"]
         else:

@@ -33,6 +33,8 @@ HF_MODELS = {
 SELF_DESCRIBING = {
     "beats": "jaxaudio.convert.beats",
 }
+# Everything `load_pretrained` can rebuild from a saved config (module with `build(kwargs)`).
+BUILDERS = {**SELF_DESCRIBING, "bat": "jaxaudio.convert.bat"}
 DTYPES = {"float32": np.float32, "bfloat16": "bfloat16"}
 
 
@@ -119,12 +121,12 @@ def convert_hf(source: str, model: str | None = None, *, dtype: str = "float32",
 
 def load_pretrained(out_dir: str) -> tuple[Any, dict[str, Any]]:
     """`(module, variables)` from a checkpoint written by `launch/convert.py` for a
-    Hugging Face model or a self-describing original checkpoint (BEATs)."""
+    Hugging Face model, a self-describing original checkpoint (BEATs) or a system (BAT)."""
     variables, config = load_converted(out_dir)
     if "model" not in config or "kwargs" not in config:
         raise ConversionError(f"{out_dir}: config.json is not a converted Hugging Face model "
                               "(it needs 'model' and 'kwargs')")
     name = config["model"]
-    mod = importlib.import_module(SELF_DESCRIBING[name]) if name in SELF_DESCRIBING else hf_module(name)
+    mod = importlib.import_module(BUILDERS[name]) if name in BUILDERS else hf_module(name)
     module, _ = mod.build(config["kwargs"])
     return module, variables
