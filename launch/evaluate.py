@@ -3,7 +3,7 @@
     python -m launch.evaluate --config=configs/spatial_ast_tiny.py --workdir=workdir/tiny
     python -m launch.evaluate --config=configs/spatial_ast.py --checkpoint=converted/spatial_ast
 
-Prints the task's metrics next to chance.
+Prints the task's metrics next to chance (the task's own table if it has `format_results`).
 """
 from absl import app, flags
 from ml_collections import config_flags
@@ -41,7 +41,9 @@ def main(argv):
         step = trainer.restore_or_init()
         if step == 0:
             raise app.UsageError(f"--workdir={_WORKDIR.value} holds no checkpoint")
-    print(format_table(trainer.evaluate()))
+    metrics = trainer.evaluate()
+    task_table = getattr(trainer.task, "format_results", None)
+    print(task_table(metrics) if task_table else format_table(metrics))
 
 
 if __name__ == "__main__":

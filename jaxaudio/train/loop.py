@@ -84,6 +84,30 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, accum_steps: i
     return train_step
 
 
+def is_run_dir(path: str) -> bool:
+    """Whether `path` is a training run's workdir (it has a `checkpoints` folder)."""
+    return os.path.isdir(os.path.join(path, "checkpoints"))
+
+
+def load_run_variables(workdir: str) -> dict[str, Any]:
+    """`{"params": ..., <extra collections>...}` (numpy) of the latest checkpoint of the
+    training run in `workdir`; the optimizer state, step and data position are not read."""
+    import orbax.checkpoint as ocp
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(directory):
+        raise ValueError(f"{workdir}: not a training run's workdir (no checkpoints folder)")
+    manager = ocp.CheckpointManager(directory, item_handlers={"state": ocp.StandardCheckpointHandler()})
+    try:
+        step = manager.latest_step()
+        if step is None:
+            raise ValueError(f"{workdir}: the run has saved no checkpoint yet")
+        # No target: the saved tree comes back as nested dicts, whatever the optimizer was.
+        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    finally:
+        manager.close()
+    return jax.tree.map(np.asarray, {"params": state["params"], **state["extra"]})
+
+
 def _global_batch(local: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
@@ -131,10 +155,15 @@ class Trainer:
         return stack
 
     def _load_initial(self, path: str) -> TrainState:
-        """Start from a converted checkpoint. Every variable must be in it, except those
-        the checkpoint declares fresh (`fresh` in its config.json: e.g. the heads when
-        starting from a pretraining checkpoint), which keep their initialisation."""
-        variables, saved_config = load_converted(path)
+        """Start from a converted checkpoint, or from the latest checkpoint of another
+        training run's workdir (its parameters and extra collections; a curriculum's next
+        stage). Every variable must be in it, except those a converted checkpoint declares
+        fresh (`fresh` in its config.json: e.g. the heads when starting from a pretraining
+        checkpoint), which keep their initialisation."""
+        if is_run_dir(path):
+            variables, saved_config = load_run_variables(path), {}
+        else:
+            variables, saved_config = load_converted(path)
         fresh = re.compile(saved_config.get("fresh") or r"(?!)")
         params, extra = split_variables(variables)
         current = {"params": self.state.params, **self.state.extra}
