@@ -163,19 +163,24 @@ def save_reference(name: str, directory: str, seed: int = 0) -> None:
 
 def bench_jax(name: str, directory: str, inputs: dict[str, np.ndarray], warmup: int, steps: int,
               dtype: str) -> dict[str, Any]:
-    import jax
-    import jax.numpy as jnp
-
     from jaxaudio.convert.hf import convert_hf, hf_module
-    from jaxaudio.train.flops import compiled_flops
     spec = BACKBONES[name]
     variables, config = convert_hf(directory, dtype="float32")
     kwargs = dict(config["kwargs"], dtype=dtype)
     module, _ = hf_module(config["model"]).build(kwargs)
-    variables = jax.device_put(variables)
-    x = jax.device_put(inputs)
+    return time_jax_forward(lambda v, x: spec.jax_forward(module, v, x), variables, inputs, warmup, steps)
+
+
+def time_jax_forward(fn, variables, inputs, warmup: int, steps: int) -> dict[str, Any]:
+    """Compile `fn(variables, inputs)` ahead, then time it: times, compile seconds, XLA's
+    FLOP count, parameter count and the (float32) output."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxaudio.train.flops import compiled_flops
+    variables, x = jax.device_put(variables), jax.device_put(inputs)
     t0 = time.perf_counter()
-    compiled = jax.jit(lambda v, x: spec.jax_forward(module, v, x)).lower(variables, x).compile()
+    compiled = jax.jit(fn).lower(variables, x).compile()
     compile_s = time.perf_counter() - t0
     out = {}
 
@@ -183,9 +188,9 @@ def bench_jax(name: str, directory: str, inputs: dict[str, np.ndarray], warmup: 
         out["y"] = compiled(variables, x)
         jax.block_until_ready(out["y"])
     times, _ = _timed(call, warmup, steps)
-    y = np.asarray(jnp.asarray(out["y"], jnp.float32))
     return dict(times=times, compile_s=compile_s, flops=compiled_flops(compiled),
-                params=int(sum(a.size for a in jax.tree.leaves(variables["params"]))), output=y)
+                params=int(sum(a.size for a in jax.tree.leaves(variables["params"]))),
+                output=np.asarray(jnp.asarray(out["y"], jnp.float32)))
 
 
 def bench_torch(name: str, directory: str, input_file: str, warmup: int, steps: int, dtype: str,

@@ -27,12 +27,11 @@ import math
 import os
 import statistics
 import tempfile
-import time
 from typing import Any
 
 import numpy as np
 
-from launch.bench_backbones import _in_subprocess, _timed
+from launch.bench_backbones import _in_subprocess, _timed, time_jax_forward
 
 FBANK_MEAN, FBANK_STD = 15.41663, 6.55582  # the BEATs recipe's fbank statistics
 SAMPLE_RATE, NUM_MEL_BINS, FRAME_LENGTH, FRAME_SHIFT, N_FFT = 16000, 128, 400, 160, 512
@@ -301,27 +300,14 @@ def bench_jax(directory: str, wave: np.ndarray, warmup: int, steps: int, dtype: 
     from jaxaudio.convert.beats import build, config_from_checkpoint, key_map
     from jaxaudio.convert.engine import convert
     from jaxaudio.convert.io import load_state_dict
-    from jaxaudio.train.flops import compiled_flops
     with open(os.path.join(directory, "cfg.json")) as f:
         kwargs = config_from_checkpoint(json.load(f))
     module, example = build(kwargs)
     expected = nn.unbox(jax.eval_shape(module.init, jax.random.PRNGKey(0), *example))
     source = os.path.join(directory, "beats.safetensors")
-    variables = jax.device_put(convert(load_state_dict(source), key_map(module), expected, source_name=source))
+    variables = convert(load_state_dict(source), key_map(module), expected, source_name=source)
     module, _ = build(dict(kwargs, dtype=jnp.dtype(dtype)))
-    x = jax.device_put(wave)
-    t0 = time.perf_counter()
-    compiled = jax.jit(lambda v, w: module.apply(v, w)[0]).lower(variables, x).compile()
-    compile_s = time.perf_counter() - t0
-    out = {}
-
-    def call():
-        out["y"] = compiled(variables, x)
-        jax.block_until_ready(out["y"])
-    times, _ = _timed(call, warmup, steps)
-    return dict(times=times, compile_s=compile_s, flops=compiled_flops(compiled),
-                params=int(sum(a.size for a in jax.tree.leaves(variables["params"]))),
-                output=np.asarray(jnp.asarray(out["y"], jnp.float32)))
+    return time_jax_forward(lambda v, w: module.apply(v, w)[0], variables, wave, warmup, steps)
 
 
 def bench_torch(directory: str, input_file: str, warmup: int, steps: int, dtype: str, threads: int) -> dict[str, Any]:
