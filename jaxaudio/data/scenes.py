@@ -132,7 +132,8 @@ def _write_clip(job) -> dict:
     return {"audio": path, **record}
 
 
-def _default_workers(num_clips: int) -> int:
+def default_workers(num_clips: int) -> int:
+    """Worker processes for generating `num_clips` items (at least 64 each, at most 8)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
         os.cpu_count() or 1)
     return max(1, min(cpus, 8, num_clips // _MIN_CLIPS_PER_WORKER))
@@ -204,7 +205,7 @@ def generate_scenes(
     os.makedirs(split_dir, exist_ok=True)
     jobs = [(split_dir, i, seed, sample_rate, clip_seconds, classes)
             for i in range(num_clips)]
-    workers = _default_workers(num_clips) if num_workers is None else max(1, num_workers)
+    workers = default_workers(num_clips) if num_workers is None else max(1, num_workers)
     start = time.perf_counter()
     if workers == 1:
         records = [_write_clip(job) for job in jobs]

@@ -106,7 +106,6 @@ ELEVATION_MAX = 40.0  # KEMAR's lowest ring is -40
 RELATIVE_MARGIN = 0.3  # metres
 DISTANCE_MARGIN = 0.5  # metres
 DRY_PEAK = 0.5  # the reader RMS-normalises every clip, so only clipping matters here
-_MIN_ITEMS_PER_WORKER = 64
 
 # The words of each octant axis: (negative side, positive side) of x, z, y.
 AXIS_WORDS = (("left", "right"), ("front", "behind"), ("below", "above"))
@@ -443,12 +442,6 @@ def _check_args(stage_types, classes) -> tuple[tuple[str, ...], list[str]]:
     return stage_types, classes
 
 
-def _default_workers(num_items: int) -> int:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-        os.cpu_count() or 1)
-    return max(1, min(cpus, 8, num_items // _MIN_ITEMS_PER_WORKER))
-
-
 def generate_spatial_qa(
     root: str | os.PathLike,
     num_train: int,
@@ -490,7 +483,7 @@ def generate_spatial_qa(
     jobs = [(paths["root"], int(seed), split, i, question_type_for(i, stage_types),
              int(sample_rate), float(clip_seconds), classes)
             for split in SPLITS for i in range(counts[split])]
-    workers = _default_workers(len(jobs)) if num_workers is None else max(1, num_workers)
+    workers = scenes.default_workers(len(jobs)) if num_workers is None else max(1, num_workers)
     if workers == 1:
         results = [_write_item(job) for job in jobs]
     else:
