@@ -136,17 +136,12 @@ def convert_checkpoint(path: str, allow_pickle: bool = False) -> tuple[dict[str,
     """
     import flax.linen as nn
     import jax
-    import torch
 
     from jaxaudio.convert.engine import convert
-    from jaxaudio.convert.io import find_weights, load_state_dict
+    from jaxaudio.convert.io import load_checkpoint, tensors_of
 
-    state_dict = load_state_dict(path, allow_pickle=allow_pickle, state_key="model")
-    file = find_weights(path)
-    try:  # the tensors were read above; map them lazily this time
-        ckpt = torch.load(file, map_location="cpu", weights_only=not allow_pickle, mmap=True)
-    except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
-        ckpt = torch.load(file, map_location="cpu", weights_only=not allow_pickle)
+    file, ckpt = load_checkpoint(path, allow_pickle=allow_pickle)
+    state_dict = tensors_of(ckpt, file, "model")
     if not isinstance(ckpt.get("cfg"), Mapping):
         raise ConversionError(f"{file}: no 'cfg' dict (the BEATsConfig fields); top-level keys: {sorted(ckpt)}")
     kwargs = config_from_checkpoint(ckpt["cfg"], source=f"{file} cfg")

@@ -85,14 +85,19 @@ def find_weights(path: str) -> str:
                           f".safetensors/.bin/.pth file; found {found or 'none'})")
 
 
-def load_state_dict(path: str, *, allow_pickle: bool = False, state_key: str | None = None) -> dict[str, np.ndarray]:
-    """Load a flat `{name: float32/int ndarray}` state dict from a file or directory.
+def load_checkpoint(path: str, *, allow_pickle: bool = False) -> tuple[str, Any]:
+    """`(file, object)`: the weights file of `path` and what it holds, read once (safetensors
+    without torch; torch files with `weights_only=True` unless `allow_pickle`)."""
+    file = find_weights(path)
+    return file, _load_file(file, allow_pickle)
+
+
+def tensors_of(obj: Mapping[str, Any], file: str, state_key: str | None = None) -> dict[str, np.ndarray]:
+    """The flat `{name: ndarray}` state dict inside a loaded checkpoint object.
 
     `state_key` picks a sub-dict of a training checkpoint (`ckpt['model']`); with None, a
     top-level `model` or `state_dict` entry holding the tensors is taken automatically.
     """
-    file = find_weights(path)
-    obj = _load_file(file, allow_pickle)
     if state_key is not None:
         if state_key not in obj:
             raise ConversionError(f"{file}: has no entry {state_key!r} (top-level keys: {sorted(obj)[:20]})")
@@ -114,6 +119,13 @@ def load_state_dict(path: str, *, allow_pickle: bool = False, state_key: str | N
     if not out:
         raise ConversionError(f"{file}: holds no tensors")
     return out
+
+
+def load_state_dict(path: str, *, allow_pickle: bool = False, state_key: str | None = None) -> dict[str, np.ndarray]:
+    """Load a flat `{name: float32/int ndarray}` state dict from a file or directory
+    (`state_key` as in `tensors_of`)."""
+    file, obj = load_checkpoint(path, allow_pickle=allow_pickle)
+    return tensors_of(obj, file, state_key)
 
 
 def save_converted(out_dir: str, variables: Mapping[str, Any], config: Mapping[str, Any]) -> None:
