@@ -139,6 +139,15 @@ def write_manifest(path: str | os.PathLike, records: Iterable[Mapping]) -> None:
     os.replace(tmp, path)
 
 
+def write_json_atomic(path: str | os.PathLike, doc) -> None:
+    """`json.dump` through a temporary file and a rename, so an interrupted write leaves
+    no half file that a cache check would take for done."""
+    tmp = os.fspath(path) + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=1, ensure_ascii=False)
+    os.replace(tmp, path)
+
+
 def parse_xyz(s: str) -> np.ndarray:
     """Parses an "x,y,z" position string (the SpatialSoundQA format) to float64 `[3]`."""
     parts = s.split(",")

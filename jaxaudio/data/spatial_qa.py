@@ -71,6 +71,7 @@ from jaxaudio.data import hrtf as hrtf_lib
 from jaxaudio.data import manifest as manifest_lib
 from jaxaudio.data import rooms, scenes
 from jaxaudio.data import spatialsoundqa as ssqa
+from jaxaudio.data.manifest import write_json_atomic
 from jaxaudio.data.sources import SOURCE_CLASSES
 
 _LOG = logging.getLogger(__name__)
@@ -415,13 +416,6 @@ def split_records(root: str | os.PathLike, split: str) -> list[dict]:
                            paths["audio_root"], paths["reverb_root"])
 
 
-def _write_json(path: str, doc) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, path)
-
-
 def _params(num_train, num_eval, seed, clip_seconds, stage_types, sample_rate, classes):
     return {"generator_version": GENERATOR_VERSION, "num_train": int(num_train),
             "num_eval": int(num_eval), "seed": int(seed), "clip_seconds": float(clip_seconds),
@@ -495,9 +489,9 @@ def generate_spatial_qa(
     for split in SPLITS:
         part = results[offset:offset + counts[split]]
         offset += counts[split]
-        _write_json(paths[split + "_reverb"], {"data": [e for _, es in part for e in es]})
-        _write_json(paths[split], {"data": [item for item, _ in part]})
-    _write_json(paths["params"], _params(num_train, num_eval, seed, clip_seconds,
+        write_json_atomic(paths[split + "_reverb"], {"data": [e for _, es in part for e in es]})
+        write_json_atomic(paths[split], {"data": [item for item, _ in part]})
+    write_json_atomic(paths["params"], _params(num_train, num_eval, seed, clip_seconds,
                                          stage_types, sample_rate, classes))
     _LOG.info("wrote %d SpatialSoundQA items to %s in %.1f s with %d worker(s)", len(jobs),
               paths["root"], time.perf_counter() - start, workers)

@@ -9,8 +9,8 @@ As SLAM-LLM's `seld_spatialsoundqa` (reference/bat_spatial_ast.md §4):
   -> llm (LLaMA-2 7B, frozen, LoRA r 8 / alpha 32 / dropout 0.05 on q_proj and v_proj)
      over [64 audio][BOS + prompt][answer][EOS] (text right-padded) -> logits.
 
-The loss covers the answer and EOS only (`build_sequence` makes the labels, `bat_loss`
-drops the audio positions). `answer` decodes (beam 4, 200 new tokens in the original)
+The loss covers the answer and EOS only (`audio_llm.build_sequence` makes the labels,
+`audio_llm.text_loss` drops the audio positions). `answer` decodes (beam 4, 200 new tokens in the original)
 from the prefix [audio][BOS + prompt], batches left-padded.
 
 Sizes come from three dicts of module kwargs (`encoder`, `projector`, `llm`), so the same
@@ -20,7 +20,6 @@ projector's `llm_width` and `encoder_hidden_size` follow the LLM and the encoder
 import dataclasses
 import functools
 import json
-import re
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -29,14 +28,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxaudio.generate import GenerateOutput, generate
-from jaxaudio.layers.lora import LoraConfig, adapted_modules, lora
-from jaxaudio.models.llama import Llama, causal_lm_loss
+from jaxaudio.layers.lora import LoraConfig, lora
+from jaxaudio.models.audio_llm import llm_adapters
+from jaxaudio.models.llama import Llama
 from jaxaudio.models.qformer import BatProjector
 from jaxaudio.models.spatial_ast import SpatialAST
 
 PROMPT = ("Based on the audio you've heard, refer to the instruction and provide a response.\n\n"
           "### Instruction:\n{question}\n\n### Response:")
-IGNORE = -100  # label of positions without loss (Hugging Face's ignore_index)
 # LoRA on the LLM's q_proj/v_proj (`llm/layers_N/attn/{query,value}` here).
 DEFAULT_LORA = {"targets": r"llm/layers_\d+/attn/(query|value)", "rank": 8, "alpha": 32.0, "dropout": 0.05}
 
@@ -124,33 +123,6 @@ class Bat(nn.Module):
             return self.llm_module(inputs_embeds=x, attention_mask=mask)
 
 
-def build_sequence(prompt_ids: Sequence[int], answer_ids: Sequence[int], bos: int, eos: int, max_len: int,
-                   pad: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One training example's text, tokenizer-agnostic: `(input_ids, attention_mask, labels)`,
-    each `[max_len]` int32.
-
-    input_ids = [BOS] + prompt + answer + [EOS], right-padded with `pad`; labels are the
-    answer and EOS tokens at their positions and `IGNORE` elsewhere (BOS, prompt, padding).
-    A longer example is cut at `max_len` (losing the end of the answer and the EOS).
-    """
-    ids = [bos, *prompt_ids, *answer_ids, eos][:max_len]
-    n_prompt = 1 + len(prompt_ids)
-    labels = [IGNORE] * min(n_prompt, len(ids)) + ids[n_prompt:]
-    fill = max_len - len(ids)
-    return (np.asarray(ids + [pad] * fill, np.int32), np.asarray([1] * len(ids) + [0] * fill, np.int32),
-            np.asarray(labels + [IGNORE] * fill, np.int32))
-
-
-def bat_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Cross-entropy on the answer and EOS: `logits [batch, audio + len, vocab]` (from `Bat`),
-    `labels [batch, len]` (from `build_sequence`) -> `(mean loss, counted tokens)`.
-
-    The audio positions carry no labels (SLAM-LLM labels them `IGNORE`), so they are
-    dropped and `causal_lm_loss` shifts as Hugging Face does: logits at t predict t + 1.
-    """
-    return causal_lm_loss(logits[:, logits.shape[1] - labels.shape[1]:], labels, IGNORE)
-
-
 def _left_padded_prefix(audio: np.ndarray, text: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """`[audio][pad..][text]` -> `[pad..][audio][text]` per row, and its mask (0 = padding).
 
@@ -186,15 +158,9 @@ def answer(module: Bat, variables: dict[str, Any], wave: jax.Array, prompt_ids: 
     prefix = jnp.take_along_axis(jnp.concatenate([audio.astype(text.dtype), text], axis=1),
                                  jnp.asarray(order)[:, :, None], axis=1)
     llm_params = variables["params"]["llm"]
-    config, adapted = module.lora_config(), adapted_modules(llm_params)
-    if config is not None and adapted:
-        # Our targets name paths inside Bat (`llm/...`); decoding runs the LLM alone.
-        config = dataclasses.replace(config, targets="|".join(re.escape(m) for m in adapted))
-    else:
-        config = None
     return generate(module.parts()[2], llm_params, inputs_embeds=prefix, attention_mask=jnp.asarray(mask),
                     max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                    num_beams=num_beams, length_penalty=length_penalty, lora=config, lora_scale=lora_scale)
+                    num_beams=num_beams, length_penalty=length_penalty, lora=llm_adapters(module.lora_config(), llm_params), lora_scale=lora_scale)
 
 
 @functools.partial(jax.jit, static_argnums=0)

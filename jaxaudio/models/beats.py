@@ -58,6 +58,25 @@ def reduce_padding_mask(mask: jax.Array, length: int) -> jax.Array:
     return mask.reshape(mask.shape[0], length, -1).all(-1)
 
 
+def beats_tokens(samples: int, input_patch_size: int = 16) -> int:
+    """Tokens BEATs makes of `samples` (1496 for 30 s): whole patches of Kaldi frames x mel bands."""
+    frames = 1 + (samples - 400) // 160 if samples >= 400 else 0
+    return frames // input_patch_size * (NUM_MEL_BINS // input_patch_size)
+
+
+def clip_token_padding(lengths: jax.Array, num_tokens: int, input_patch_size: int = 16) -> jax.Array:
+    """`[batch]` real samples per clip -> `[batch, num_tokens]` True at the tokens of patches
+    that reach past the clip: the exact token mask of a clip zero-padded at the end.
+
+    With it, a padded clip's real tokens equal those of the clip run alone (the padding is
+    zeroed before the positional conv and never attended to), which the original's coarser
+    reduction of a sample mask (`reduce_padding_mask`) does not give.
+    """
+    frames = jnp.where(lengths >= 400, 1 + (lengths - 400) // 160, 0)  # Kaldi frames, snip_edges
+    bands = NUM_MEL_BINS // input_patch_size
+    return (jnp.arange(num_tokens)[None, :] // bands) >= (frames // input_patch_size)[:, None]
+
+
 def beats_fbank(wave: jax.Array, padding_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
     """`wave [batch, samples]` at 16 kHz -> normalised fbank `[batch, frames, 128]` (float32),
     frames = 1 + (samples - 400) // 160, and the frame padding mask `[batch, frames]`
@@ -236,7 +255,9 @@ class BEATs(nn.Module):
 
     @nn.compact
     def __call__(self, wave: jax.Array, padding_mask: jax.Array | None = None, train: bool = False,
-                 return_logits: bool = False):
+                 return_logits: bool = False, token_padding: jax.Array | None = None):
+        """`token_padding [batch, tokens]` (True = padding; `clip_token_padding`) replaces the
+        mask the original derives from `padding_mask`."""
         self._check(wave, padding_mask, return_logits)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         p, dim, heads = self.input_patch_size, self.encoder_embed_dim, self.encoder_attention_heads
@@ -248,8 +269,14 @@ class BEATs(nn.Module):
                     bias_init=param(nn.initializers.zeros, ("conv_out",)), **kw)(fbank[..., None])
         batch, tokens = x.shape[0], x.shape[1] * x.shape[2]
         x = layer_norm(EPS, name="layer_norm", **kw)(x.reshape(batch, tokens, self.embed_dim))
-        pad = (jnp.zeros((batch, tokens), bool) if frame_mask is None
-               else reduce_padding_mask(frame_mask, tokens))
+        if token_padding is not None:
+            if token_padding.shape != (batch, tokens):
+                raise ValueError(f"BEATs: token_padding {token_padding.shape} must be [batch, tokens] = "
+                                 f"{(batch, tokens)}")
+            pad = token_padding.astype(bool)
+        else:
+            pad = (jnp.zeros((batch, tokens), bool) if frame_mask is None
+                   else reduce_padding_mask(frame_mask, tokens))
         if self.embed_dim != dim:
             x = dense(dim, ("conv_out", "embed"), name="post_extract_proj", **kw)(x)
         x = nn.Dropout(self.dropout_input, deterministic=not train)(x)
@@ -273,7 +300,7 @@ class BEATs(nn.Module):
                                (self.num_buckets, heads), self.param_dtype)
             buckets = relative_position_buckets(tokens, self.num_buckets, self.max_distance)
             pos_bias = jnp.transpose(table[buckets], (2, 0, 1))  # [heads, tokens, tokens]
-        mask = None if frame_mask is None else ~pad[:, None, None, :]
+        mask = None if frame_mask is None and token_padding is None else ~pad[:, None, None, :]
         layer_cls = nn.remat(BEATsLayer, static_argnums=(4,)) if self.remat else BEATsLayer
         alpha = math.pow(2 * self.encoder_layers, 0.25) if self.deep_norm else 1.0
         for i in range(self.encoder_layers):

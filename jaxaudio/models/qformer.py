@@ -189,7 +189,9 @@ class AuditoryFusion(nn.Module):
 
     `speech [batch, ts, speech_width]`, `audio [batch, ta, audio_width]` ->
     `[batch, max(ts, ta), speech_width + audio_width]`. With `audio_width=None` (SALMONN
-    without BEATs) `audio` is None and the output is `ln_speech(speech)`.
+    without BEATs) `audio` is None and the output is `ln_speech(speech)`. `audio_mask
+    [batch, ta]` (True = a real token) zeroes the other tokens after `ln_audio`, so a clip
+    padded to a fixed length gets the zeros the original's unpadded clip gets.
     """
     speech_width: int = 1280
     audio_width: int | None = 768
@@ -198,7 +200,8 @@ class AuditoryFusion(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, speech: jax.Array, audio: jax.Array | None = None) -> jax.Array:
+    def __call__(self, speech: jax.Array, audio: jax.Array | None = None,
+                 audio_mask: jax.Array | None = None) -> jax.Array:
         if (audio is None) != (self.audio_width is None):
             raise ValueError(f"AuditoryFusion: audio_width={self.audio_width} but audio features were "
                              f"{'not ' if audio is None else ''}given")
@@ -210,6 +213,8 @@ class AuditoryFusion(nn.Module):
         if audio is None:
             return constrain(speech, ACT)
         audio = layer_norm(self.eps, name="ln_audio", **kw)(audio)
+        if audio_mask is not None:
+            audio = jnp.where(audio_mask[..., None], audio, 0).astype(audio.dtype)
         return constrain(pad_and_concat(speech, audio), ACT)
 
 
@@ -282,7 +287,8 @@ class SalmonnConnector(nn.Module):
     speech_width + audio_width).
 
     `speech [batch, 1500, speech_width]`, `audio [batch, ta, audio_width]`,
-    `mask [batch, max(1500, ta)]` (optional) -> `[batch, windows * num_queries, llm_width]`.
+    `mask [batch, max(1500, ta)]` (optional, the Q-Former's frame mask), `audio_mask
+    [batch, ta]` (optional, see `AuditoryFusion`) -> `[batch, windows * num_queries, llm_width]`.
     """
     speech_width: int = 1280
     audio_width: int | None = 768
@@ -305,9 +311,10 @@ class SalmonnConnector(nn.Module):
 
     @nn.compact
     def __call__(self, speech: jax.Array, audio: jax.Array | None = None, mask: jax.Array | None = None,
-                 deterministic: bool = True) -> jax.Array:
+                 deterministic: bool = True, audio_mask: jax.Array | None = None) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        fused = AuditoryFusion(self.speech_width, self.audio_width, self.fusion_eps, name="fusion", **kw)(speech, audio)
+        fused = AuditoryFusion(self.speech_width, self.audio_width, self.fusion_eps, name="fusion",
+                               **kw)(speech, audio, audio_mask)
         return WindowQFormer(self.llm_width, self.num_queries, self.second_per_window, self.second_stride,
                              self.frames_per_30s, self.hidden_size, self.num_layers, self.num_heads,
                              self.intermediate_size, self.speech_width + (self.audio_width or 0), 1, self.eps,

@@ -18,11 +18,9 @@ The text side is a byte-level BPE trained on the generated questions and answers
 Evaluation decodes answers (beam or greedy, `config.eval`) inside the jitted eval step
 and scores the text with `eval.spatial_qa` next to chance.
 """
-import dataclasses
 import json
 import logging
 import os
-import re
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -30,7 +28,6 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax.core import meta
 
 from jaxaudio.convert.engine import flatten, unflatten
@@ -38,8 +35,8 @@ from jaxaudio.data import spatial_qa as sqa
 from jaxaudio.data import spatialsoundqa as ssqa
 from jaxaudio.eval.spatial_qa import chance_metrics, format_table, score
 from jaxaudio.generate import generate
-from jaxaudio.layers.lora import adapted_modules
-from jaxaudio.models.bat import IGNORE, PROMPT, Bat, bat_loss, build_sequence
+from jaxaudio.models.audio_llm import IGNORE, answer_token_stats, build_sequence, llm_adapters, text_loss
+from jaxaudio.models.bat import PROMPT, Bat
 from jaxaudio.models.llama import Llama
 from jaxaudio.models.qformer import BatProjector
 from jaxaudio.models.spatial_ast import SpatialAST
@@ -186,17 +183,6 @@ def stage_filter(items: list[dict], stage: int) -> list[int]:
     return [i for i, item in enumerate(items) if sqa.TYPE_LETTER.get(item.get("question_type")) in letters]
 
 
-def answer_token_stats(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Per example: summed cross-entropy, correct argmax predictions and counted tokens
-    over the answer + EOS (`logits [batch, audio + len, vocab]`, `labels [batch, len]`)."""
-    text = logits[:, logits.shape[1] - labels.shape[1]:-1].astype(jnp.float32)
-    targets = labels[:, 1:]
-    valid = targets != IGNORE
-    ce = optax.softmax_cross_entropy_with_integer_labels(text, jnp.where(valid, targets, 0))
-    correct = (jnp.argmax(text, axis=-1) == targets) & valid
-    return jnp.sum(jnp.where(valid, ce, 0.0), 1), jnp.sum(correct, 1), jnp.sum(valid, 1)
-
-
 def decode_answers(module: Bat, variables: dict[str, Any], wave: jax.Array, prompt_ids: jax.Array,
                    prompt_len: jax.Array, *, eos: int, pad: int, num_beams: int, max_new_tokens: int) -> jax.Array:
     """`models.bat.answer` on arrays, so it runs inside `jit`: `wave [batch, 2, samples]`,
@@ -211,10 +197,7 @@ def decode_answers(module: Bat, variables: dict[str, Any], wave: jax.Array, prom
     order = jnp.where(j < pads, q + j, jnp.where(j < pads + q, j - pads, j))
     prefix = jnp.take_along_axis(jnp.concatenate([audio.astype(text.dtype), text], axis=1), order[:, :, None], 1)
     llm_params = variables["params"]["llm"]
-    config, adapted = module.lora_config(), adapted_modules(llm_params)
-    # The LoRA targets name paths inside Bat (`llm/...`); decoding runs the LLM alone.
-    config = dataclasses.replace(config, targets="|".join(re.escape(m) for m in adapted)) if (
-        config is not None and adapted) else None
+    config = llm_adapters(module.lora_config(), llm_params)
     return generate(module.parts()[2], llm_params, inputs_embeds=prefix, attention_mask=(j >= pads).astype(jnp.int32),
                     max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, num_beams=num_beams,
                     lora=config).tokens
@@ -302,7 +285,7 @@ class BatTask(Task):
     def loss_fn(self, params, extra, batch, rng):
         logits = self.model.apply({"params": params, **extra}, batch["wave"], batch["input_ids"],
                                   batch["attention_mask"], deterministic=False, rngs={"dropout": rng})
-        loss, count = bat_loss(logits, batch["labels"])
+        loss, count = text_loss(logits, batch["labels"])
         _, correct, valid = answer_token_stats(logits, batch["labels"])
         accuracy = correct.sum() / jnp.maximum(valid.sum(), 1)
         return loss, ({"token_accuracy": accuracy, "answer_tokens": count.astype(jnp.float32)}, extra)

@@ -37,7 +37,8 @@ from convert.test_spatial_ast_convert import original_state_dict  # tests/ is on
 from jaxaudio.convert import ConversionError, flatten
 from jaxaudio.convert.bat import build, convert_bat, load_bat
 from jaxaudio.layers import DEFAULT_RULES
-from jaxaudio.models.bat import IGNORE, PROMPT, Bat, answer, bat_loss, build_sequence
+from jaxaudio.models.audio_llm import IGNORE, build_sequence, text_loss
+from jaxaudio.models.bat import PROMPT, Bat, answer
 from jaxaudio.models.spatial_ast import SpatialAST
 from jaxaudio.train.optim import trainable_mask
 
@@ -240,7 +241,7 @@ def test_loss_counts_only_the_answer_and_eos(bat):
     module, variables, _ = bat
     ids, mask, labels = _text()
     logits = np.asarray(_forward(module)(variables, _wave(), ids, mask))
-    loss, count = bat_loss(jnp.asarray(logits), jnp.asarray(labels))
+    loss, count = text_loss(jnp.asarray(logits), jnp.asarray(labels))
     assert int(count) == sum(len(a) + 1 for a in ANSWERS)
     # By hand: logits at sequence position Q + t - 1 predict text token t.
     ce = []
@@ -253,13 +254,13 @@ def test_loss_counts_only_the_answer_and_eos(bat):
     noisy = logits.copy()
     for b, p in enumerate(PROMPTS):
         noisy[b, :Q + len(p)] += np.random.default_rng(b).standard_normal(noisy[b, :Q + len(p)].shape) * 5
-    assert float(bat_loss(jnp.asarray(noisy), jnp.asarray(labels))[0]) == pytest.approx(float(loss), abs=1e-6)
+    assert float(text_loss(jnp.asarray(noisy), jnp.asarray(labels))[0]) == pytest.approx(float(loss), abs=1e-6)
     other_prompts = [[(t + 11) % VOCAB for t in p] for p in PROMPTS]
     _, _, other_labels = _text(other_prompts)
     np.testing.assert_array_equal(other_labels, labels)
     # An answer token does count.
     _, _, changed = _text(answers=[[20, 21, 23], ANSWERS[1]])
-    assert abs(float(bat_loss(jnp.asarray(logits), jnp.asarray(changed))[0]) - float(loss)) > 1e-3
+    assert abs(float(text_loss(jnp.asarray(logits), jnp.asarray(changed))[0]) - float(loss)) > 1e-3
 
 
 def test_gradients_reach_only_projector_and_lora(bat):
@@ -272,7 +273,7 @@ def test_gradients_reach_only_projector_and_lora(bat):
         p = jax.tree.map(lambda t, x: x if t else jax.lax.stop_gradient(x), trainable, p)
         logits = module.apply({"params": p, "batch_stats": variables["batch_stats"]}, wave, ids, mask,
                               deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})
-        return bat_loss(logits, labels)[0]
+        return text_loss(logits, labels)[0]
 
     grads = jax.jit(jax.grad(loss))(params)
     train = {k for k, t in flatten(trainable).items() if t}

@@ -10,7 +10,8 @@ from configs import bat, bat_tiny
 from jaxaudio.convert.engine import flatten, unflatten
 from jaxaudio.convert.io import save_converted
 from jaxaudio.data import spatial_qa as sqa
-from jaxaudio.models.bat import IGNORE, PROMPT, answer
+from jaxaudio.models.audio_llm import IGNORE
+from jaxaudio.models.bat import PROMPT, answer
 from jaxaudio.tasks import get_task
 from jaxaudio.tasks.bat import BatTask, model_kwargs, stage_filter
 
