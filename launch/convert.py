@@ -12,6 +12,11 @@
     # its config.json, the rest are the original's
     python -m launch.convert --model=bat --source=BAT/model.pt --spatial_ast=SpatialAST/finetuned.pth \
         --llama=Llama-2-7b-hf --output=converted/bat
+    # SALMONN from its four parts: --source (or --salmonn) is salmonn_v1.pth; Whisper, BEATs and
+    # the LLM are sized by their config.json / cfg, the connector and LoRA by salmonn_v1.pth
+    python -m launch.convert --model=salmonn --whisper=whisper-large-v2 \
+        --beats=BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt --vicuna=vicuna-13b-v1.1 \
+        --salmonn=salmonn_v1.pth --output=converted/salmonn   # --beats=none: speech only
 
 `--source` is a weights file, a directory holding one (safetensors, a sharded
 `model.safetensors.index.json`, or a torch `.bin`/`.pth`), or a Hugging Face hub id
@@ -78,7 +83,7 @@ DTYPES = ("float32", "bfloat16")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file whose `model` section sizes the model "
                                           "(not needed for Hugging Face checkpoints).", lock_config=True)
 _MODEL = flags.DEFINE_enum("model", None,
-                           sorted(CONVERTERS) + sorted(HF_MODELS) + sorted(SELF_DESCRIBING) + ["bat"],
+                           sorted(CONVERTERS) + sorted(HF_MODELS) + sorted(SELF_DESCRIBING) + ["bat", "salmonn"],
                            "Which model's key map (default: config.task, or config.json's model_type).")
 _SOURCE = flags.DEFINE_string("source", None, "Weights file, directory, or Hugging Face hub id (org/name).")
 _OUTPUT = flags.DEFINE_string("output", None, "Directory for the converted checkpoint.")
@@ -89,10 +94,18 @@ _STATE_KEY = flags.DEFINE_string("state_key", None, "Sub-dict of the checkpoint 
 flags.mark_flag_as_required("output")
 _SPATIAL_AST = flags.DEFINE_string("spatial_ast", None, "--model=bat: Spatial-AST finetuned.pth.")
 _BAT = flags.DEFINE_string("bat", None, "--model=bat: BAT's model.pt (projector + LoRA), instead of --source.")
+_SALMONN = flags.DEFINE_string("salmonn", None, "--model=salmonn: salmonn_v1.pth (Q-Former, projection, "
+                               "LoRA), instead of --source.")
 flags.register_multi_flags_validator(
-    ["source", "bat", "model"], lambda f: bool(f["source"] or (f["model"] == "bat" and f["bat"])),
+    ["source", "bat", "salmonn", "model"],
+    # --model=salmonn names every missing path itself (`salmonn_sources`)
+    lambda f: bool(f["source"] or (f["model"] == "bat" and f["bat"]) or f["model"] == "salmonn"),
     "--source is required (for --model=bat: --bat, or --source)")
 _LLAMA = flags.DEFINE_string("llama", None, "--model=bat: the Hugging Face LLaMA-2 directory.")
+_WHISPER = flags.DEFINE_string("whisper", None, "--model=salmonn: the Hugging Face Whisper directory.")
+_BEATS = flags.DEFINE_string("beats", None, "--model=salmonn: the BEATs checkpoint (.pt), or 'none' for a SALMONN "
+                             "without BEATs.")
+_VICUNA = flags.DEFINE_string("vicuna", None, "--model=salmonn: the Hugging Face Vicuna/LLaMA directory.")
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 _HUB_PATTERNS = ["*.safetensors", "*.json", "*.bin", "*.pth", "*.pt", "*.ckpt"]
@@ -217,6 +230,44 @@ def run_bat(spatial_ast: str, bat: str, llama: str, output: str, dtype: str = "f
     }
 
 
+def run_salmonn(whisper: str, beats: str | None, vicuna: str, salmonn: str, output: str, dtype: str = "float32",
+                allow_pickle: bool = False, **sizes: Any) -> dict[str, Any]:
+    """Convert SALMONN's four checkpoints (`jaxaudio.convert.salmonn.convert_salmonn`; `beats`
+    None: no BEATs; `sizes`: its `connector`/`lora`/`chunk_seconds`) and write them to
+    `output`; `jaxaudio.convert.salmonn.load_salmonn(output)` reads the result back."""
+    import jax
+    import numpy as np
+
+    from jaxaudio.convert import save_converted
+    from jaxaudio.convert.salmonn import convert_salmonn
+    variables, config = convert_salmonn(resolve_source(whisper), None if beats is None else resolve_source(beats),
+                                        resolve_source(vicuna), resolve_source(salmonn), allow_pickle=allow_pickle,
+                                        dtype=dtype, **sizes)
+    save_converted(output, variables, config)
+    leaves = jax.tree.leaves(variables)
+    return {
+        "model": "salmonn",
+        "source": ", ".join(v for v in config["sources"].values() if v is not None),
+        "source_tensors": config["source_tensors"],
+        "tensors": len(leaves),
+        "parameters": sum(int(np.prod(a.shape)) for a in jax.tree.leaves(variables["params"])),
+        "collections": {k: len(jax.tree.leaves(v)) for k, v in variables.items()},
+        "bytes": sum(a.nbytes for a in leaves),
+        "output": os.path.abspath(output),
+    }
+
+
+def salmonn_sources(whisper: str | None, beats: str | None, vicuna: str | None,
+                    salmonn: str | None) -> tuple[str, str | None, str, str]:
+    """The four `--model=salmonn` paths (`--beats=none`: no BEATs); a missing one is a usage error."""
+    missing = [f"--{name}" for name, value in (("whisper", whisper), ("beats", beats), ("vicuna", vicuna),
+                                               ("salmonn", salmonn)) if not value]
+    if missing:
+        raise app.UsageError(f"--model=salmonn needs {', '.join(missing)} (--salmonn may be given as --source; "
+                             "--beats=none converts a SALMONN without BEATs)")
+    return whisper, None if beats.lower() == "none" else beats, vicuna, salmonn
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -230,6 +281,9 @@ def main(argv):
                 raise app.UsageError("--model=bat needs --spatial_ast and --llama (and --bat or --source)")
             s = run_bat(_SPATIAL_AST.value, _BAT.value or _SOURCE.value, _LLAMA.value, _OUTPUT.value, _DTYPE.value,
                         _ALLOW_PICKLE.value)
+        elif model_name == "salmonn":
+            paths = salmonn_sources(_WHISPER.value, _BEATS.value, _VICUNA.value, _SALMONN.value or _SOURCE.value)
+            s = run_salmonn(*paths, _OUTPUT.value, _DTYPE.value, _ALLOW_PICKLE.value)
         elif model_name is None or model_name in HF_MODELS or model_name in SELF_DESCRIBING:
             s = run_hf(_SOURCE.value, _OUTPUT.value, model_name, _DTYPE.value, _ALLOW_PICKLE.value)
             model_name = s["model"]

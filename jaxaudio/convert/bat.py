@@ -14,52 +14,27 @@
 Every tensor of each source is mapped or ignored with a reason and every variable of the
 model is filled; otherwise one `ConversionError` lists the problems of all three sources.
 """
-import dataclasses
 import os
-import re
 from typing import Any
 
-import flax.linen as nn
-import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxaudio.convert import llama, spatial_ast
-from jaxaudio.convert.engine import ConversionError, KeyMap, Rule, convert, flatten, linear, unflatten
-from jaxaudio.convert.hf import DTYPES, convert_hf, read_hf_config
-from jaxaudio.convert.io import load_converted, load_state_dict
-from jaxaudio.convert.peft import ModuleNames
+from jaxaudio.convert.engine import ConversionError, KeyMap
+from jaxaudio.convert.hf import read_hf_config
+from jaxaudio.convert.io import load_converted
 from jaxaudio.convert.qformer import bat_key_map
+from jaxaudio.convert.system import (Checkpoint, Pretrained, check_dtype, convert_system, is_adapter, lora_rules,
+                                     under)
 from jaxaudio.models.bat import DEFAULT_LORA, Bat
 
 LLM_PREFIX = r"llm\.base_model\.model\."  # SLAM-LLM's `llm` attribute, wrapped by PEFT
 
 
-def lora_rules(names: ModuleNames, src: str = LLM_PREFIX, dst: str = "params/llm/") -> list[Rule]:
-    """PEFT adapter keys under `src` (`<torch module>.lora_A[.default].weight` `[r, in]`,
-    `lora_B` `[out, r]`) -> `{dst}<our module>/lora_a` `[*in, r]` / `lora_b` `[r, *out]`."""
-    rules = []
-    for ours, theirs in names.pairs:
-        module = re.escape(theirs).replace(r"\{n\}", r"(\d+)")
-        target = dst + ours.replace("{n}", r"\1")
-        for ab in "AB":
-            rules.append(Rule(src + module + rf"\.lora_{ab}(\.default)?\.weight", f"{target}/lora_{ab.lower()}",
-                              linear))
-    return rules
-
-
-def under(key_map: KeyMap, part: str) -> KeyMap:
-    """`key_map` with its targets moved into sub-module `part` (`params/x` -> `params/part/x`)."""
-    def move(target: str) -> str:
-        collection, rest = target.split("/", 1)
-        return f"{collection}/{part}/{rest}"
-    return dataclasses.replace(key_map, rules=[dataclasses.replace(r, target=move(r.target)) for r in key_map.rules])
-
-
 def bat_checkpoint_key_map() -> KeyMap:
     """SLAM-LLM's BAT `model.pt` -> `params/projector/*` and the LLM's `lora_a`/`lora_b`."""
     projector = bat_key_map(prefix="params/projector/", ignore_llm_adapters=False)
-    return KeyMap(rules=[*projector.rules, *lora_rules(llama.MODULE_NAMES)], ignore=projector.ignore)
+    return KeyMap(rules=[*projector.rules, *lora_rules(llama.MODULE_NAMES, LLM_PREFIX)], ignore=projector.ignore)
 
 
 def build(kwargs: dict[str, Any]) -> tuple[Bat, tuple]:
@@ -69,10 +44,6 @@ def build(kwargs: dict[str, Any]) -> tuple[Bat, tuple]:
     encoder = module.parts()[0]
     samples = encoder.hop_length * (encoder.target_frames - 1)
     return module, (jnp.zeros((1, 2, samples), jnp.float32), jnp.zeros((1, 4), jnp.int32))
-
-
-def _subtree(tree: dict[str, Any], keep) -> dict[str, Any]:
-    return unflatten({k: v for k, v in flatten(tree).items() if keep(k)})
 
 
 def convert_bat(spatial_ast_path: str, bat_path: str, llama_dir: str, *, allow_pickle: bool = False,
@@ -87,8 +58,7 @@ def convert_bat(spatial_ast_path: str, bat_path: str, llama_dir: str, *, allow_p
     `dtype` is the parameters' storage dtype; BatchNorm statistics stay float32.
     `config` is `{"model": "bat", "kwargs": ..., ...}` for `save_converted` / `load_bat`.
     """
-    if dtype not in DTYPES:
-        raise ConversionError(f"dtype={dtype!r}: choose one of {sorted(DTYPES)}")
+    check_dtype(dtype)
     hf_config = read_hf_config(llama_dir)
     if hf_config.get("model_type") not in llama.HF_MODEL_TYPES:
         raise ConversionError(f"{llama_dir}: config.json has model_type={hf_config.get('model_type')!r}; "
@@ -96,45 +66,14 @@ def convert_bat(spatial_ast_path: str, bat_path: str, llama_dir: str, *, allow_p
     kwargs = {"encoder": dict(encoder or {}), "projector": dict(projector or {}),
               "llm": llama.config_from_hf(hf_config), "lora": dict(DEFAULT_LORA if lora is None else lora)}
     module, example = build(kwargs)
-    expected = nn.unbox(jax.eval_shape(module.init, jax.random.PRNGKey(0), *example))
-
-    problems, tensors = [], 0
-
-    def attempt(fn):
-        try:
-            return fn()
-        except ConversionError as e:
-            problems.append(str(e))
-            return None
-
-    def from_file(path, key_map, want):
-        nonlocal tensors
-        state_dict = load_state_dict(path, allow_pickle=allow_pickle)
-        tensors += len(state_dict)
-        return convert(state_dict, key_map, want, source_name=path)
-
-    encoder_map = under(spatial_ast.key_map(module.parts()[0]), "encoder")
-    encoder_want = {c: {"encoder": expected[c]["encoder"]} for c in ("params", "batch_stats")}
-    encoder_vars = attempt(lambda: from_file(spatial_ast_path, encoder_map, encoder_want))
-    bat_want = _subtree(expected, lambda k: k.startswith("params/projector/")
-                        or (k.startswith("params/llm/") and k.rsplit("/", 1)[-1].startswith("lora_")))
-    bat_vars = attempt(lambda: from_file(bat_path, bat_checkpoint_key_map(), bat_want))
-    llm = attempt(lambda: convert_hf(llama_dir, "llama", allow_pickle=allow_pickle))
-    if problems:
-        raise ConversionError("cannot convert BAT:\n" + "\n".join(problems))
-    tensors += llm[1]["source_tensors"]
-
-    flat = {**flatten(encoder_vars), **flatten(bat_vars),
-            **{f"params/llm/{k}": v for k, v in flatten(llm[0]["params"]).items()}}
-    want = {k: tuple(v.shape) for k, v in flatten(expected).items()}
-    got = {k: tuple(np.shape(v)) for k, v in flat.items()}
-    if got != want:  # each source was checked against its part; this guards the assembly
-        diff = sorted(set(want.items()) ^ set(got.items()))
-        raise ConversionError(f"BAT: the assembled variables differ from the model's: {diff[:20]}")
-    if dtype != "float32":
-        flat = {k: np.asarray(jnp.asarray(v, dtype)) if k.startswith("params/") and np.issubdtype(v.dtype, np.floating)
-                else v for k, v in flat.items()}
-    return unflatten(flat), {
+    parts = [
+        Checkpoint(spatial_ast_path, under(spatial_ast.key_map(module.parts()[0]), "encoder"),
+                   lambda k: k.split("/", 2)[1] == "encoder"),  # params and batch_stats
+        Checkpoint(bat_path, bat_checkpoint_key_map(), lambda k: k.startswith("params/projector/") or is_adapter(k)),
+        Pretrained(llama_dir, "llama", "llm"),
+    ]
+    variables, tensors = convert_system("BAT", module, example, parts, dtype=dtype, allow_pickle=allow_pickle)
+    return variables, {
         "model": "bat", "kwargs": kwargs, "dtype": dtype, "source_tensors": tensors,
         "sources": {"spatial_ast": os.path.abspath(spatial_ast_path), "bat": os.path.abspath(bat_path),
                     "llama": os.path.abspath(llama_dir)}}
