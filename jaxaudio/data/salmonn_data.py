@@ -63,7 +63,7 @@ SPEECH_PREFIX = "<Speech><SpeechHere></Speech> "
 EXPAND_GAP_SECONDS = 0.1
 
 # Bump when the generated content changes, so `ensure_salmonn_corpus` regenerates.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 SPLITS = ("train", "eval")
 ALL_TASKS = ("asr", "audiocaption", "gender_recognition", "QA")
 SPEECH_TASKS = ("asr", "gender_recognition")  # impossible without espeak-ng
@@ -270,6 +270,10 @@ class PromptTable:
     def test_tasks(self) -> tuple[str, ...]:
         return tuple(self._test)
 
+    def paraphrases(self, task: str) -> tuple[str, ...]:
+        """The training prompts of `task`, as written (no template, `{}` unfilled)."""
+        return self._lookup(self._train, task, "train", self.train_source)
+
     def _lookup(self, table: Mapping, task: str, kind: str, source: str):
         if task not in table:
             raise UnknownTaskError(f"no {kind} prompt for task {task!r} in {source}; known "
@@ -316,6 +320,11 @@ _GENERATED_INSTRUCTIONS = {
         "{} Answer in one or two words.",
         "Listen to the audio and answer the question: {}",
         "Answer this question about the audio: {}",
+    ),
+    # Stage 3 (activation tuning): its answers are written by the stage-2 model itself.
+    "audio_story_telling": (
+        "Based on the audio, write a story in detail. Your story should be highly related to the audio.",
+        "Tell a long story inspired by what you hear.",
     ),
 }
 GENERATED_TRAIN_PROMPTS = {task: [SPEECH_PREFIX + s for s in lines]

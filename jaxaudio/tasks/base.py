@@ -37,6 +37,13 @@ class Task(abc.ABC):
     def init_variables(self, rng: jax.Array) -> Variables:
         """Fresh variables (with logical-axis boxes) — `params` plus any extra collections."""
 
+    def pretrained_parts(self) -> dict[str, str]:
+        """`{part: path}`: converted checkpoints or training-run workdirs of sub-modules
+        (e.g. a frozen encoder and LLM) that the trainer loads into the variables under
+        `<collection>/<part>/` after `init_variables` (LoRA adapters stay fresh); used
+        when `config.init.checkpoint` (a whole model) is not set."""
+        return {}
+
     def layer_scale(self, path: str) -> float:
         """Learning-rate multiplier for the parameter at `path` (layer-wise decay)."""
         return 1.0

@@ -21,18 +21,16 @@ and scores the text with `eval.spatial_qa` next to chance.
 import json
 import logging
 import os
-from typing import Any, Sequence
+from typing import Any
 
-import flax.linen as nn
 import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.core import meta
 
-from jaxaudio.convert.engine import flatten, unflatten
 from jaxaudio.data import spatial_qa as sqa
 from jaxaudio.data import spatialsoundqa as ssqa
+from jaxaudio.data.tokenizer import TextTokenizer, ensure_tokenizer
 from jaxaudio.eval.spatial_qa import chance_metrics, format_table, score
 from jaxaudio.generate import generate
 from jaxaudio.models.audio_llm import IGNORE, answer_token_stats, build_sequence, llm_adapters, text_loss
@@ -41,16 +39,13 @@ from jaxaudio.models.llama import Llama
 from jaxaudio.models.qformer import BatProjector
 from jaxaudio.models.spatial_ast import SpatialAST
 from jaxaudio.tasks import register
+from jaxaudio.tasks.audio_llm import check_part_paths, model_kwargs as system_kwargs
 from jaxaudio.tasks.base import Batch, Task
 
 log = logging.getLogger(__name__)
 
-SPECIAL_TOKENS = ("<unk>", "<pad>", "<s>", "</s>")
-TOKENIZER_VERSION = 1  # bump when the tokenizer recipe changes, so saved ones are retrained
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
 _PARTS = {"encoder": SpatialAST, "projector": BatProjector, "llm": Llama}
-# The parts that `config.init.<part>` may fill, and their collections.
-PART_COLLECTIONS = {"encoder": ("params", "batch_stats"), "llm": ("params",)}
+PRETRAINED = ("encoder", "llm")  # the parts `config.init.<part>` may fill
 _MISSING_PART = {
     "encoder": ("BAT's frozen encoder must be a trained Spatial-AST: run its main job first (python -m launch.train "
                 "--config=configs/spatial_ast_tiny.py --workdir={path}), or point config.init.encoder at a Spatial-AST "
@@ -62,74 +57,7 @@ _MISSING_PART = {
 
 def model_kwargs(model_cfg) -> dict[str, Any]:
     """`config.model` -> `Bat(**kwargs)`; unknown fields of a part are named."""
-    cfg = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
-    kw = {}
-    for part, cls in _PARTS.items():
-        fields = dict(cfg.get(part) or {})
-        unknown = set(fields) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"config.model.{part}: unknown {cls.__name__} fields {sorted(unknown)}")
-        kw[part] = fields
-    kw["lora"] = dict(cfg["lora"]) if cfg.get("lora") else None
-    for key in ("dtype", "param_dtype"):
-        if cfg.get(key, "float32") not in DTYPE_NAMES:
-            raise ValueError(f"config.model.{key}={cfg[key]!r}: choose one of {DTYPE_NAMES}")
-        kw[key] = cfg.get(key, "float32")
-    unknown = set(cfg) - set(kw)
-    if unknown:
-        raise ValueError(f"config.model: unknown fields {sorted(unknown)}")
-    return kw
-
-
-# --- tokenizer ------------------------------------------------------------------------------
-class TextTokenizer:
-    """A `tokenizers` tokenizer with the ids BAT needs; no special tokens are added on encode."""
-
-    def __init__(self, path: str, bos: str = "<s>", eos: str = "</s>", pad: str = "<pad>"):
-        from tokenizers import Tokenizer
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"no tokenizer at {path}")
-        self.path, self.tok = path, Tokenizer.from_file(path)
-        ids = {}
-        for role, token in (("bos", bos), ("eos", eos), ("pad", pad)):
-            ids[role] = self.tok.token_to_id(token)
-            if ids[role] is None:
-                raise ValueError(f"tokenizer {path} has no {role} token {token!r} (config.data.{role}_token)")
-        self.bos_id, self.eos_id, self.pad_id = ids["bos"], ids["eos"], ids["pad"]
-
-    @property
-    def vocab_size(self) -> int:
-        return self.tok.get_vocab_size()
-
-    def encode(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
-
-    def decode(self, ids: Sequence[int]) -> str:
-        """Generated ids -> text, up to the first EOS."""
-        ids = [int(i) for i in ids]
-        if self.eos_id in ids:
-            ids = ids[:ids.index(self.eos_id)]
-        return self.tok.decode(ids, skip_special_tokens=True).strip()
-
-
-def train_tokenizer(texts: Sequence[str], vocab_size: int, path: str) -> None:
-    """A byte-level BPE over `texts` with `SPECIAL_TOKENS` (ids 0-3), written to `path`.
-
-    Byte level: any question typed at inference time has an encoding and decodes back
-    exactly, however far from the training text.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    if tok.get_vocab_size() > vocab_size:
-        raise ValueError(f"the tokenizer came out with {tok.get_vocab_size()} tokens > vocab_size={vocab_size}")
-    tmp = path + ".tmp"
-    tok.save(tmp)
-    os.replace(tmp, path)
+    return system_kwargs(model_cfg, _PARTS)
 
 
 # --- examples -------------------------------------------------------------------------------
@@ -209,7 +137,6 @@ class BatTask(Task):
     def __init__(self, config):
         super().__init__(config)
         self._tokenizer: TextTokenizer | None = None
-        self._part_vars: dict[str, dict[str, Any]] = {}
         self._splits: dict[str, tuple[list[dict], list[dict]]] = {}
 
     def build_model(self) -> Bat:
@@ -235,51 +162,17 @@ class BatTask(Task):
         (`config.init.checkpoint`) is loaded; a missing path is an error that says what to run."""
         if self.config.init.get("checkpoint"):
             return {}
-        sources = {part: self.config.init.get(part, "") for part in PART_COLLECTIONS}
-        for part, path in sources.items():
-            if path and not os.path.exists(path):
-                hint = _MISSING_PART[part].format(path=path)
-                raise FileNotFoundError(f"config.init.{part}={path} does not exist. {hint}")
-        return {part: path for part, path in sources.items() if path}
+        return check_part_paths(self.config.init, PRETRAINED, _MISSING_PART)
 
-    def _load_part(self, part: str, path: str) -> dict[str, Any]:
-        if part not in self._part_vars:
-            from jaxaudio.convert.io import load_converted
-            from jaxaudio.train.loop import is_run_dir, load_run_variables
-            # `init_variables` runs under `eval_shape`/`jit`; the restore must not be traced.
-            with jax.ensure_compile_time_eval():
-                variables = load_run_variables(path) if is_run_dir(path) else load_converted(path)[0]
-            self._part_vars[part] = jax.tree.map(np.asarray, variables)
-        return self._part_vars[part]
+    def pretrained_parts(self) -> dict[str, str]:
+        """The frozen encoder (`config.init.encoder`) and LLM (`config.init.llm`), loaded by
+        the trainer after init; the LLM's adapters start fresh."""
+        return self._part_sources()
 
     def init_variables(self, rng: jax.Array):
-        """Fresh Bat variables (LoRA adapters included); the encoder's (`params/encoder`,
-        `batch_stats/encoder`) and the LLM's (`params/llm`, adapters excepted) come from
-        `config.init.encoder` / `config.init.llm` when they are set."""
+        """Fresh Bat variables (LoRA adapters included); see `pretrained_parts`."""
         b = self.dummy_batch(1)
-        variables = self.model.init({"params": rng}, jnp.asarray(b["wave"]), jnp.asarray(b["input_ids"]))
-        out = {coll: dict(tree) for coll, tree in variables.items()}
-        for part, path in self._part_sources().items():
-            loaded, problems = self._load_part(part, path), []
-            for coll in PART_COLLECTIONS[part]:
-                have, filled = flatten(loaded.get(coll, {})), {}
-                for k, fresh in flatten(nn.unbox(variables[coll][part])).items():
-                    if k.rsplit("/", 1)[-1].startswith("lora_"):
-                        filled[k] = fresh  # adapters start fresh
-                    elif k not in have:
-                        problems.append(f"missing {coll}/{k} {tuple(fresh.shape)}")
-                    elif np.shape(have[k]) != fresh.shape:
-                        problems.append(f"{coll}/{k}: checkpoint {np.shape(have[k])}, model {tuple(fresh.shape)}")
-                    else:
-                        filled[k] = jnp.asarray(have[k], fresh.dtype)
-                if not problems:  # back into the logical-axis boxes
-                    out[coll][part] = jax.tree.map(
-                        lambda box, v: box.replace_boxed(v) if isinstance(box, meta.AxisMetadata) else v,
-                        variables[coll][part], unflatten(filled), is_leaf=lambda x: isinstance(x, meta.AxisMetadata))
-            if problems:
-                raise ValueError(f"config.init.{part}={path} does not fit config.model.{part}:\n  "
-                                 + "\n  ".join(problems[:20]))
-        return out
+        return self.model.init({"params": rng}, jnp.asarray(b["wave"]), jnp.asarray(b["input_ids"]))
 
     # --- objective ---------------------------------------------------------------------------
     def loss_fn(self, params, extra, batch, rng):
@@ -365,21 +258,15 @@ class BatTask(Task):
         paths = sqa.ensure_spatial_qa(d.root, d.num_train, d.num_eval, d.seed, clip_seconds=d.clip_seconds,
                                       stage_types=sqa.STAGES[max(sqa.STAGES)], num_workers=d.num_workers or None)
         with open(paths["params"]) as f:
-            wanted = {"version": TOKENIZER_VERSION, "vocab_size": int(self.model.parts()[2].vocab_size),
-                      "data": json.load(f)}
-        params_path = os.path.join(d.root, "tokenizer.params.json")
-        try:
-            with open(params_path) as f:
-                if json.load(f) == wanted and os.path.exists(self.tokenizer_path):
-                    return
-        except (OSError, ValueError):
-            pass
-        items = ssqa.read_qa_items(paths["train"])
-        texts = [PROMPT.format(question="")] + [t for it in items for t in (PROMPT.format(question=it["question"]),
-                                                                          it["answer"])]
-        train_tokenizer(texts, wanted["vocab_size"], self.tokenizer_path)
-        with open(params_path, "w") as f:
-            json.dump(wanted, f)
+            data_params = json.load(f)
+
+        def texts():
+            items = ssqa.read_qa_items(paths["train"])
+            yield PROMPT.format(question="")
+            for it in items:
+                yield PROMPT.format(question=it["question"])
+                yield it["answer"]
+        ensure_tokenizer(self.tokenizer_path, texts, self.model.parts()[2].vocab_size, data_params)
         self._tokenizer = None
 
     def _split(self, split: str) -> tuple[list[dict], list[dict]]:

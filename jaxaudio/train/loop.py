@@ -137,6 +137,9 @@ class Trainer:
             self.task.init_variables, self.tx, jax.random.PRNGKey(config.seed), self.mesh, DEFAULT_RULES)
         if config.init.get("checkpoint"):
             self.state = self._load_initial(config.init.checkpoint)
+        else:
+            for part, path in self.task.pretrained_parts().items():
+                self.state = self._load_initial(path, part, what=f"config.init.{part}")
         step = make_train_step(self.task, self.tx, tcfg.accum_steps, tcfg.nan_guard, self.trainable)
         self.train_step = jax.jit(step, in_shardings=(self.shardings, self.batch_sharding),
                                   out_shardings=(self.shardings, None), donate_argnums=0)
@@ -154,37 +157,48 @@ class Trainer:
         stack.enter_context(nn.logical_axis_rules(DEFAULT_RULES))
         return stack
 
-    def _load_initial(self, path: str) -> TrainState:
+    def _load_initial(self, path: str, part: str | None = None, what: str = "config.init.checkpoint") -> TrainState:
         """Start from a converted checkpoint, or from the latest checkpoint of another
         training run's workdir (its parameters and extra collections; a curriculum's next
         stage). Every variable must be in it, except those a converted checkpoint declares
         fresh (`fresh` in its config.json: e.g. the heads when starting from a pretraining
-        checkpoint), which keep their initialisation."""
+        checkpoint), which keep their initialisation.
+
+        With `part`, the checkpoint is one sub-module's (`Task.pretrained_parts`): it fills
+        the variables under `<collection>/<part>/`, except LoRA adapters, which stay fresh;
+        the rest of the model keeps its initialisation."""
         if is_run_dir(path):
             variables, saved_config = load_run_variables(path), {}
         else:
             variables, saved_config = load_converted(path)
-        fresh = re.compile(saved_config.get("fresh") or r"(?!)")
+        fresh = saved_config.get("fresh") or r"(?!)"
+        fresh = re.compile(rf"(?:{fresh})|.*/lora_[ab]" if part else fresh)
         params, extra = split_variables(variables)
         current = {"params": self.state.params, **self.state.extra}
         loaded = {"params": params, **extra}
         merged, problems = {}, []
         for coll, tree in current.items():
+            if part is not None and part not in tree:
+                merged[coll] = tree
+                continue
             have = flatten(loaded.get(coll, {}))
-            out = {}
-            for k, v in flatten(tree).items():
-                got = have.get(k)
+            out = flatten(tree)
+            for k, v in list(out.items()):
+                if part is not None and not k.startswith(part + "/"):
+                    continue
+                key = k if part is None else k[len(part) + 1:]
+                got = have.get(key)
                 if got is None:
-                    if not fresh.fullmatch(f"{coll}/{k}"):
-                        problems.append(f"missing {coll}/{k} {tuple(v.shape)}")
-                    out[k] = v
+                    if not fresh.fullmatch(f"{coll}/{key}"):
+                        problems.append(f"missing {coll}/{key} {tuple(v.shape)}")
                 elif tuple(got.shape) != tuple(v.shape):
-                    problems.append(f"{coll}/{k}: checkpoint {tuple(got.shape)}, model {tuple(v.shape)}")
+                    problems.append(f"{coll}/{key}: checkpoint {tuple(got.shape)}, model {tuple(v.shape)}")
                 else:
                     out[k] = np.asarray(got).astype(v.dtype)  # e.g. a bf16-stored conversion, fp32 master
             merged[coll] = unflatten(out)
         if problems:
-            raise ValueError(f"config.init.checkpoint={path} does not fit the model:\n  " + "\n  ".join(problems[:40]))
+            where = "the model" if part is None else f"config.model.{part}"
+            raise ValueError(f"{what}={path} does not fit {where}:\n  " + "\n  ".join(problems[:40]))
         params, extra = merged.pop("params"), merged
         placed = jax.device_put((params, extra), (self.shardings.params, self.shardings.extra))
         return self.state.replace(params=placed[0], extra=placed[1])

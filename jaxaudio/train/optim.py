@@ -21,10 +21,28 @@ def path_labels(params: Any, fn: Callable[[str], Any]) -> Any:
 
 
 def make_schedule(cfg: ConfigDict) -> optax.Schedule:
-    """Linear warmup from 0 to `lr`, then a half-cycle cosine to `min_lr` at `total_steps`."""
-    warmup = int(cfg.warmup_steps)
+    """Linear warmup from `warmup_start_lr` (default 0) to `lr`, then a half-cycle cosine to
+    `min_lr` at `total_steps`.
+
+    `schedule="lavis"` is LAVIS' `LinearWarmupCosineLRScheduler` (SALMONN's): the cosine is
+    a function of the absolute step over all `total_steps`, so it starts slightly below
+    `lr` when the warmup ends; the default cosine spans the steps after the warmup.
+    """
+    warmup, start = int(cfg.warmup_steps), float(cfg.get("warmup_start_lr", 0.0))
+    kind = cfg.get("schedule", "warmup_cosine")
+    if kind == "lavis":
+        lr, min_lr, total = float(cfg.lr), float(cfg.min_lr), max(int(cfg.total_steps), 1)
+
+        def schedule(step):
+            step = jnp.asarray(step, jnp.float32)
+            warm = jnp.minimum(lr, start + (lr - start) * step / max(warmup, 1))
+            cosine = (lr - min_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * step / total)) + min_lr
+            return jnp.where(step < warmup, warm, cosine)
+        return schedule
+    if kind != "warmup_cosine":
+        raise ValueError(f"config.optim.schedule={kind!r}: choose 'warmup_cosine' or 'lavis'")
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=cfg.lr, warmup_steps=warmup,
+        init_value=start, peak_value=cfg.lr, warmup_steps=warmup,
         decay_steps=max(int(cfg.total_steps), warmup + 1), end_value=cfg.min_lr)
 
 

@@ -163,6 +163,13 @@ def test_init_variables_lora_and_shapes(task, variables):
     assert logits.shape == (2, 4 + MAX_LEN, 512)
 
 
+def _initial_variables(cfg, workdir) -> dict:
+    """The variables a run starts from: init, then the parts the trainer loads."""
+    from jaxaudio.train.loop import Trainer
+    trainer = Trainer(cfg, str(workdir))
+    return jax.device_get({"params": trainer.state.params, **trainer.state.extra})
+
+
 def test_encoder_from_a_spatial_ast_checkpoint(task, variables, tmp_path):
     """`config.init.encoder` fills params/encoder + batch_stats/encoder; a misfit names the
     keys; a missing path says to run the Spatial-AST job."""
@@ -171,7 +178,7 @@ def test_encoder_from_a_spatial_ast_checkpoint(task, variables, tmp_path):
     save_converted(str(tmp_path / "enc"), enc, {"model": "spatial_ast"})
     cfg = micro_config(task.config.data.root)
     cfg.init.encoder = str(tmp_path / "enc")
-    got = nn.unbox(BatTask(cfg).init_variables(jax.random.PRNGKey(0)))
+    got = _initial_variables(cfg, tmp_path / "run1")
     for k, v in flatten(enc).items():
         c, rest = k.split("/", 1)
         np.testing.assert_array_equal(flatten(got[c]["encoder"])[rest], v)
@@ -179,13 +186,13 @@ def test_encoder_from_a_spatial_ast_checkpoint(task, variables, tmp_path):
     save_converted(str(tmp_path / "bad"), bad, {})
     cfg.init.encoder = str(tmp_path / "bad")
     with pytest.raises(ValueError, match=r"does not fit config.model.encoder:\n  missing params/cls_tokens"):
-        BatTask(cfg).init_variables(jax.random.PRNGKey(0))
+        _initial_variables(cfg, tmp_path / "run2")
     # A converted LLM fills params/llm; the adapters start fresh.
     llm = jax.tree.map(lambda x: np.asarray(x) - 1.0, nn.unbox(variables["params"]["llm"]))
     base = {k: v for k, v in flatten(llm).items() if "lora_" not in k}
     save_converted(str(tmp_path / "llm"), {"params": unflatten(base)}, {"model": "llama"})
     cfg.init.update(dict(encoder="", llm=str(tmp_path / "llm")))
-    got = flatten(nn.unbox(BatTask(cfg).init_variables(jax.random.PRNGKey(0)))["params"]["llm"])
+    got = flatten(_initial_variables(cfg, tmp_path / "run3")["params"]["llm"])
     for k, v in flatten(llm).items():
         if "lora_" in k:
             np.testing.assert_array_equal(got[k], flatten(nn.unbox(variables["params"]["llm"]))[k])
