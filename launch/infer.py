@@ -1,46 +1,90 @@
-"""Ask a trained BAT a question about a binaural clip.
+"""Ask a trained or converted model about audio: SALMONN (any audio, a free prompt) or BAT
+(a binaural clip, a spatial question). The config's task decides.
 
+    python -m launch.infer --config=configs/salmonn_tiny.py:2 --workdir=workdir/salmonn_tiny/stage2 \
+        --audio=speech.wav --prompt="Transcribe the spoken words."
+    python -m launch.infer --config=configs/salmonn_13b.py --checkpoint=converted/salmonn_13b \
+        --audio=long_talk.wav --max_seconds=120 --lora_scale=2.0 --prompt="Write a story about the audio."
+    # answers for every clip of an annotation file (activation data for SALMONN's stage 3)
+    python -m launch.infer --config=configs/salmonn_tiny.py:2 --workdir=workdir/salmonn_tiny/stage2 \
+        --annotation=data_cache/salmonn_tiny/train.json --task=audio_story_telling --lora_scale=2.0 \
+        --limit=64 --output=workdir/salmonn_tiny/activation.json
     python -m launch.infer --config=configs/bat_tiny.py:3 --workdir=workdir/bat_tiny/stage3 \
         --audio=clip.wav --question="Where is the sound coming from, and how far away is it?"
-    # a mono clip rendered through a binaural room response, as the official data is
     python -m launch.infer --config=configs/bat.py:3 --checkpoint=converted/bat \
         --audio=mono.wav --rir=binaural/scene/0.npy --question="..."
 
-`--workdir` is a BAT training run (its latest checkpoint); `--checkpoint` a converted BAT
-(`launch/convert.py --model=bat`), which carries its own sizes. The config gives the
-tokenizer, the text length limit (`data.max_len`), the clip length and the decoding
-settings (`eval.num_beams`, `eval.max_new_tokens`). A 2-channel file is used as it is
-(resampled to 32 kHz, cut or padded to the clip length); a mono one needs `--rir`:
-RMS-normalised to -14 dBFS, convolved and cropped like the official data.
+`--workdir` is a training run (its latest checkpoint); `--checkpoint` a converted model
+(`launch/convert.py --model=salmonn|bat`), which carries its own sizes. The config gives
+the tokenizer, the text limits and the decoding settings (`eval.num_beams`,
+`eval.max_new_tokens`). SALMONN: the first channel of the file, padded to 1 s, read up
+to --max_seconds (the config's `data.max_seconds`; more than 30 s -> several Whisper
+windows); --lora_scale discounts the adapters (alpha / r = 4 in the original). BAT: a
+2-channel file as it is, or a mono one rendered through --rir.
 """
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxaudio.infer import InferError, run
+from jaxaudio.infer import InferError
 from launch.common import parse_flags, setup_jax
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "A BAT config file (get_config()).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "A BAT training run's workdir.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Or: a converted BAT checkpoint.")
-_AUDIO = flags.DEFINE_string("audio", None, "A binaural (2-channel) audio file, or a mono one with --rir.")
-_RIR = flags.DEFINE_string("rir", None, "A binaural room impulse response .npy [2, L] to render a mono --audio.")
-_QUESTION = flags.DEFINE_string("question", None, "The question.")
-flags.mark_flags_as_required(["config", "audio", "question"])
+_CONFIG = config_flags.DEFINE_config_file("config", None, "A SALMONN or BAT config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's workdir.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Or: a converted checkpoint.")
+_AUDIO = flags.DEFINE_string("audio", None, "An audio file (BAT: binaural, or mono with --rir).")
+_PROMPT = flags.DEFINE_string("prompt", None, "SALMONN: the instruction.")
+_LORA_SCALE = flags.DEFINE_float("lora_scale", None, "SALMONN: LoRA scale (default alpha / r; lower = discounted).")
+_MAX_SECONDS = flags.DEFINE_float("max_seconds", None, "SALMONN: audio read (default config.data.max_seconds).")
+_ANNOTATION = flags.DEFINE_string("annotation", None, "SALMONN: answer every clip of this annotation file ...")
+_OUTPUT = flags.DEFINE_string("output", None, "... and write the answers here (an annotation file).")
+_TASK = flags.DEFINE_string("task", "audio_story_telling", "SALMONN --annotation: the task (its test prompt is used "
+                            "unless --prompt is given) written into the output.")
+_LIMIT = flags.DEFINE_integer("limit", 0, "SALMONN --annotation: at most this many clips (0: all).")
+_QUESTION = flags.DEFINE_string("question", None, "BAT: the question.")
+_RIR = flags.DEFINE_string("rir", None, "BAT: a binaural room impulse response .npy [2, L] to render a mono --audio.")
+flags.mark_flags_as_required(["config"])
+
+
+def _salmonn() -> str:
+    from jaxaudio.infer import salmonn
+    if _ANNOTATION.value:
+        if not _OUTPUT.value:
+            raise app.UsageError("--annotation needs --output")
+        n = salmonn.write_answers(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value, _ANNOTATION.value, _OUTPUT.value,
+                                  task=_TASK.value, prompt=_PROMPT.value, lora_scale=_LORA_SCALE.value,
+                                  limit=_LIMIT.value, batch_size=_CONFIG.value.train.eval_batch_size)
+        return f"wrote {n} answers (task {_TASK.value}) to {_OUTPUT.value}"
+    if not (_AUDIO.value and _PROMPT.value is not None):
+        raise app.UsageError("SALMONN needs --audio and --prompt (or --annotation and --output)")
+    text = salmonn.run(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value, _AUDIO.value, _PROMPT.value,
+                       _LORA_SCALE.value, _MAX_SECONDS.value)
+    return f"prompt: {_PROMPT.value.strip()}\nanswer: {text}"
+
+
+def _bat() -> str:
+    from jaxaudio.infer import bat
+    if not (_AUDIO.value and _QUESTION.value is not None):
+        raise app.UsageError("BAT needs --audio and --question")
+    text = bat.run(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value, _AUDIO.value, _RIR.value, _QUESTION.value)
+    return f"question: {_QUESTION.value.strip()}\nanswer: {text}"
 
 
 def main(argv):
     del argv
     if bool(_WORKDIR.value) == bool(_CHECKPOINT.value):
         raise app.UsageError("pass exactly one of --workdir or --checkpoint")
+    runners = {"salmonn": _salmonn, "bat": _bat}
+    task = _CONFIG.value.get("task")
+    if task not in runners:
+        raise app.UsageError(f"--config is a {task!r} config; launch.infer answers with {sorted(runners)} configs")
     setup_jax(False)
     try:
-        text = run(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value, _AUDIO.value, _RIR.value, _QUESTION.value)
+        print(runners[task]())
     except InferError as e:
         sys.stderr.write(f"launch.infer: error: {e}\n")
         sys.exit(1)
-    print(f"question: {_QUESTION.value.strip()}\nanswer: {text}")
 
 
 if __name__ == "__main__":

@@ -95,7 +95,8 @@ def test_infer_answers_a_question(runs):
 def test_infer_bad_inputs(runs, tmp_path):
     """Each a clear one-line error (in process, and once through the launcher)."""
     from jaxaudio.data.audio import write_wav
-    from jaxaudio.infer import InferError, run
+    from jaxaudio.infer import InferError
+    from jaxaudio.infer.bat import run
     data, stage1, stage2, _ = runs
     mono = f"{data}/audio/eval_000001_1.wav"
     stereo = str(tmp_path / "stereo.wav")

@@ -1,14 +1,10 @@
-"""Answering a question about a binaural clip with a trained or converted BAT
-(`launch/infer.py` is its command line).
+"""Answering a question about a binaural clip with a trained or converted BAT.
 
 A 2-channel file is used as it is (resampled to 32 kHz, cut or padded to the clip length);
 a mono one needs a binaural room response: RMS-normalised to -14 dBFS, convolved and
 cropped like the official SpatialSoundQA data.
 """
-
-
-class InferError(Exception):
-    """A bad input; reported as one line."""
+from jaxaudio.infer import InferError, load_model
 
 
 def load_wave(audio: str, rir: str | None, clip_seconds: float, rir_seconds: float | None, sample_rate: int):
@@ -29,33 +25,6 @@ def load_wave(audio: str, rir: str | None, clip_seconds: float, rir_seconds: flo
         raise InferError(f"--audio={audio} has {wave.shape[0]} channel(s); BAT hears binaural audio: give a "
                          "2-channel file, or a mono one with --rir=BRIR.npy to render it")
     return audio_lib.fit_length(wave, samples).astype(np.float32)
-
-
-def load_model(task, workdir: str | None, checkpoint: str | None):
-    """`(module, variables)` of a BAT run's latest checkpoint or of a converted BAT."""
-    import flax.linen as nn
-    import jax
-
-    from jaxaudio.convert.engine import ConversionError, flatten
-    if checkpoint:
-        from jaxaudio.convert.bat import load_bat
-        try:
-            return load_bat(checkpoint)
-        except (ConversionError, OSError, ValueError) as e:
-            raise InferError(f"--checkpoint={checkpoint}: {str(e).splitlines()[0]}") from None
-    from jaxaudio.train.loop import load_run_variables
-    try:
-        variables = load_run_variables(workdir)
-    except (ValueError, OSError) as e:
-        raise InferError(f"--workdir={workdir}: {str(e).splitlines()[0]}") from None
-    want = {k: tuple(v.shape) for k, v in flatten(nn.unbox(jax.eval_shape(
-        task.init_variables, jax.random.PRNGKey(0)))).items()}
-    have = {k: tuple(v.shape) for k, v in flatten(variables).items()}
-    if want != have:
-        differ = sorted(set(want.items()) ^ set(have.items()))
-        raise InferError(f"--workdir={workdir} does not hold this config's BAT model ({len(differ)} variables differ, "
-                         f"e.g. {differ[0][0]}); is it a run of another model or size?")
-    return task.model, variables
 
 
 def run(config, workdir: str | None, checkpoint: str | None, audio: str, rir: str | None, question: str) -> str:
@@ -81,7 +50,8 @@ def run(config, workdir: str | None, checkpoint: str | None, audio: str, rir: st
     if 1 + len(prompt) >= max_len:
         raise InferError(f"the question is too long: BOS + prompt take {1 + len(prompt)} tokens, but "
                          f"config.data.max_len={max_len} allows at most {max_len - 1} (the answer needs one)")
-    module, variables = load_model(task, workdir, checkpoint)
+    from jaxaudio.convert.bat import load_bat
+    module, variables = load_model(task, workdir, checkpoint, load_bat)
     encoder = module.parts()[0]
     rir_seconds = config.data.rir_seconds or None
     wave = load_wave(audio, rir, config.data.clip_seconds, rir_seconds, encoder.sample_rate)
