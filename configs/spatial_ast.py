@@ -39,7 +39,8 @@ def get_config() -> ConfigDict:
         steps=100 * steps_per_epoch, batch_size=batch, accum_steps=1, eval_batch_size=64,
         log_every=20, eval_every=20 * steps_per_epoch, checkpoint_every=5 * steps_per_epoch,
         keep_checkpoints=3, nan_guard=True, data_threads=8, data_prefetch=4,
-        loss_weights=(1250.0, 1.0, 2.0, 2.0)))
+        loss_weights=(1250.0, 1.0, 2.0, 2.0),
+        direction_sigma=0.0))  # degrees; 0 = hard direction targets, as the original
 
     c.optim = ConfigDict(dict(
         lr=1e-3 * batch / 256, min_lr=1e-6, warmup_steps=10 * steps_per_epoch, total_steps=c.train.steps,

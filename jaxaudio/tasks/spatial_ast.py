@@ -105,7 +105,8 @@ class SpatialASTTask(Task):
         out, updated = self.model.apply({"params": params, **extra}, batch["wave"], train=True,
                                         rngs={"dropout": r_drop, "augment": r_aug}, mutable=["batch_stats"])
         loss, parts = spatial_ast_loss(out, batch["labels"], batch["distance"], batch["azimuth"],
-                                       batch["elevation"], tuple(self.config.train.loss_weights))
+                                       batch["elevation"], tuple(self.config.train.loss_weights),
+                                       float(self.config.train.get("direction_sigma", 0.0)))
         return loss, (parts, {**extra, **updated})
 
     def eval_step(self, params, extra, batch):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from jaxaudio.models.spatial_ast import SpatialAST, sincos_pos_embed_2d, spatial_ast_loss
+from jaxaudio.models.spatial_ast import SpatialAST, sincos_pos_embed_2d, smoothed_bins, spatial_ast_loss
 
 MODEL = SpatialAST(n_mels=32, target_frames=64, patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_ratio=2,
                    num_classes=5, time_mask=16, freq_mask=8)
@@ -203,3 +203,30 @@ def test_remat_gives_the_same_loss_and_gradients():
     b, gb = jax.jit(jax.value_and_grad(lambda p: loss(remat, p)))(variables["params"])
     np.testing.assert_allclose(a, b, rtol=1e-6)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), ga, gb)
+
+
+def test_smoothed_direction_targets():
+    """`direction_sigma`: Gaussian targets over 1-degree bins, wrapping for azimuth only;
+    the loss with them equals torch's soft-target cross-entropy, and 0 is the original's."""
+    soft = np.asarray(smoothed_bins(jnp.asarray([0, 180]), 360, 5.0, circular=True))
+    np.testing.assert_allclose(soft.sum(-1), 1.0, rtol=1e-6)
+    assert soft[0, 359] == pytest.approx(soft[0, 1]) and soft[0, 0] == soft[0].max()
+    np.testing.assert_allclose(soft[1], np.roll(soft[0], 180), atol=1e-7)
+    edge = np.asarray(smoothed_bins(jnp.asarray([0]), 180, 5.0, circular=False))[0]
+    assert edge[179] < 1e-20 and edge.argmax() == 0  # elevation does not wrap
+
+    rng = np.random.default_rng(0)
+    out = {"classifier": rng.normal(size=(3, 4)), "distance": rng.normal(size=(3, 21)),
+           "azimuth": rng.normal(size=(3, 360)), "elevation": rng.normal(size=(3, 180))}
+    labels, dist = (rng.random((3, 4)) > 0.5).astype(np.float32), np.array([1, 2, 3])
+    az, el = np.array([0, 90, 359]), np.array([10, 90, 170])
+    args = ({k: jnp.asarray(v) for k, v in out.items()}, jnp.asarray(labels), jnp.asarray(dist), jnp.asarray(az),
+            jnp.asarray(el))
+    _, hard = spatial_ast_loss(*args)
+    _, smooth = spatial_ast_loss(*args, direction_sigma=8.0)
+    for name, n, bins, circ in (("ce_azimuth", 360, az, True), ("ce_elevation", 180, el, False)):
+        target = torch.from_numpy(np.asarray(smoothed_bins(jnp.asarray(bins), n, 8.0, circ)))
+        want = torch.nn.functional.cross_entropy(torch.from_numpy(out[name[3:]]).float(), target)
+        assert float(smooth[name]) == pytest.approx(float(want), rel=1e-5)
+        hard_want = torch.nn.functional.cross_entropy(torch.from_numpy(out[name[3:]]).float(), torch.from_numpy(bins))
+        assert float(hard[name]) == pytest.approx(float(hard_want), rel=1e-5)
