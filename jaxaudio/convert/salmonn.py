@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxaudio.convert import beats, llama, whisper
-from jaxaudio.convert.engine import ConversionError, KeyMap
+from jaxaudio.convert.engine import ConversionError, Ignore, KeyMap
 from jaxaudio.convert.hf import read_hf_config
 from jaxaudio.convert.io import load_checkpoint, load_converted, tensors_of
 from jaxaudio.convert.qformer import salmonn_key_map
@@ -61,7 +61,14 @@ def salmonn_checkpoint_key_map() -> KeyMap:
     """`salmonn_v1.pth` -> `params/connector/*` and the LLM's `lora_a`/`lora_b`."""
     connector = salmonn_key_map(prefix="params/connector/window_qformer/", fusion_prefix="params/connector/fusion/",
                                 ignore_llm_adapters=False)
-    return KeyMap(rules=[*connector.rules, *lora_rules(llama.MODULE_NAMES, LLM_PREFIX)], ignore=connector.ignore)
+    # SALMONN's runner saves the parameters that are not frozen, found by name through
+    # `named_parameters`, which lists BEATs' shared relative-bias table once (layer 0): the
+    # other layers' names of that frozen table escape the filter and land in the file.
+    shared_bias = Ignore(r"beats\.encoder\.layers\.\d+\.self_attn\.relative_attention_bias\.weight",
+                         "BEATs' shared relative position table (frozen; it comes from the BEATs checkpoint), "
+                         "saved under its other layers' names by SALMONN's runner")
+    return KeyMap(rules=[*connector.rules, *lora_rules(llama.MODULE_NAMES, LLM_PREFIX)],
+                  ignore=[*connector.ignore, shared_bias])
 
 
 def build(kwargs: dict[str, Any]) -> tuple[Salmonn, tuple]:
