@@ -98,6 +98,14 @@ def relative_position_buckets(length: int, num_buckets: int, max_distance: int) 
     float32 and truncates, as the original's `torch.log(...).to(torch.long)`.
     """
     rel = np.arange(length)[None, :] - np.arange(length)[:, None]
+    return offset_buckets(length, num_buckets, max_distance)[rel + length - 1]
+
+
+def offset_buckets(length: int, num_buckets: int, max_distance: int) -> np.ndarray:
+    """`relative_position_buckets` per offset: `[2 * length - 1]` for `key - query` =
+    -(length - 1) .. length - 1. The model expands it inside the program, so a compiled
+    program holds 2L numbers instead of an L x L table (9 MB at 30 s)."""
+    rel = np.arange(-(length - 1), length)
     half = num_buckets // 2
     exact = half // 2
     dist = np.abs(rel)
@@ -298,8 +306,9 @@ class BEATs(nn.Module):
         if self.relative_position_embedding:
             table = self.param("relative_attention_bias", param(nn.initializers.normal(0.02), ("vocab", "heads")),
                                (self.num_buckets, heads), self.param_dtype)
-            buckets = relative_position_buckets(tokens, self.num_buckets, self.max_distance)
-            pos_bias = jnp.transpose(table[buckets], (2, 0, 1))  # [heads, tokens, tokens]
+            per_offset = table[offset_buckets(tokens, self.num_buckets, self.max_distance)]  # [2T - 1, heads]
+            rel = jnp.arange(tokens)[None, :] - jnp.arange(tokens)[:, None] + (tokens - 1)
+            pos_bias = jnp.transpose(per_offset[rel], (2, 0, 1))  # [heads, tokens, tokens]
         mask = None if frame_mask is None and token_padding is None else ~pad[:, None, None, :]
         layer_cls = nn.remat(BEATsLayer, static_argnums=(4,)) if self.remat else BEATsLayer
         alpha = math.pow(2 * self.encoder_layers, 0.25) if self.deep_norm else 1.0
