@@ -105,8 +105,8 @@ class PromptedText:
         # build_sequence appends the EOS; the target already ends with it unless it was cut.
         answer_ids, eos = (target[:-1], target[-1]) if target[-1] == self.tok.eos_id else (target, None)
         ids, mask, labels = build_sequence(after, answer_ids, None, self.tok.eos_id, self.max_len, self.tok.pad_id)
-        if eos is None:  # cut at max_txt_len: no EOS, as the original
-            end = int(mask.sum()) - 1
+        end = len(after) + len(answer_ids)  # where build_sequence put the EOS
+        if eos is None and end < self.max_len:  # cut at max_txt_len: no EOS, as the original
             ids[end], mask[end], labels[end] = self.tok.pad_id, 0, IGNORE
         out = {"suffix_ids": ids, "suffix_mask": mask, "labels": labels}
         if rng is None:

@@ -171,8 +171,7 @@ class Trainer:
             variables, saved_config = load_run_variables(path), {}
         else:
             variables, saved_config = load_converted(path)
-        fresh = saved_config.get("fresh") or r"(?!)"
-        fresh = re.compile(rf"(?:{fresh})|.*/lora_[ab]" if part else fresh)
+        fresh = re.compile(saved_config.get("fresh") or r"(?!)")
         params, extra = split_variables(variables)
         current = {"params": self.state.params, **self.state.extra}
         loaded = {"params": params, **extra}
@@ -184,8 +183,8 @@ class Trainer:
             have = flatten(loaded.get(coll, {}))
             out = flatten(tree)
             for k, v in list(out.items()):
-                if part is not None and not k.startswith(part + "/"):
-                    continue
+                if part is not None and (not k.startswith(part + "/") or k.rsplit("/", 1)[-1] in ("lora_a", "lora_b")):
+                    continue  # outside the part, or an adapter: keeps its initialisation
                 key = k if part is None else k[len(part) + 1:]
                 got = have.get(key)
                 if got is None:
