@@ -135,6 +135,27 @@ def resolve_source(source: str) -> str:
             "token); offline, download the weights elsewhere and pass a local file or directory.") from None
 
 
+def _save(output: str, variables: dict[str, Any], config: dict[str, Any], source: str,
+          source_tensors: int, **extra: Any) -> dict[str, Any]:
+    """Write the converted checkpoint and return the summary the command prints."""
+    import jax
+    import numpy as np
+
+    from jaxaudio.convert import save_converted
+    save_converted(output, variables, config)
+    leaves = jax.tree.leaves(variables)
+    return {
+        **extra,
+        "source": source,
+        "source_tensors": source_tensors,
+        "tensors": len(leaves),
+        "parameters": sum(int(np.prod(a.shape)) for a in jax.tree.leaves(variables["params"])),
+        "collections": {k: len(jax.tree.leaves(v)) for k, v in variables.items()},
+        "bytes": sum(a.nbytes for a in leaves),
+        "output": os.path.abspath(output),
+    }
+
+
 def run(model_name: str, source: str, config: ConfigDict, output: str, dtype: str = "float32",
         allow_pickle: bool = False, state_key: str | None = None) -> dict[str, Any]:
     """Convert `source` for `model_name` and write it to `output`; returns a summary."""
@@ -143,7 +164,7 @@ def run(model_name: str, source: str, config: ConfigDict, output: str, dtype: st
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxaudio.convert import convert, load_state_dict, save_converted
+    from jaxaudio.convert import convert, load_state_dict
 
     if model_name not in CONVERTERS:
         raise app.UsageError(f"--model={model_name!r}: no converter; known: {sorted(CONVERTERS)}")
@@ -165,43 +186,17 @@ def run(model_name: str, source: str, config: ConfigDict, output: str, dtype: st
         model_config["param_dtype"] = dtype
     if key_map.optional:  # the trainer keeps these variables' fresh init (config.init.checkpoint)
         model_config["fresh"] = key_map.optional
-    save_converted(output, variables, model_config)
-
-    leaves = jax.tree.leaves(variables)
-    return {
-        "source": path,
-        "source_tensors": len(state_dict),
-        "tensors": len(leaves),
-        "parameters": sum(int(np.prod(a.shape)) for a in jax.tree.leaves(variables["params"])),
-        "collections": {k: len(jax.tree.leaves(v)) for k, v in variables.items()},
-        "bytes": sum(a.nbytes for a in leaves),
-        "output": os.path.abspath(output),
-    }
+    return _save(output, variables, model_config, path, len(state_dict))
 
 
 def run_hf(source: str, output: str, model_name: str | None = None, dtype: str = "float32",
            allow_pickle: bool = False) -> dict[str, Any]:
     """Convert a Hugging Face checkpoint (sizes from its config.json), or an original one that
     carries its config (BEATs), and write it to `output`."""
-    import jax
-    import numpy as np
-
-    from jaxaudio.convert import save_converted
     from jaxaudio.convert.hf import convert_pretrained
     path = resolve_source(source)
     variables, config = convert_pretrained(path, model_name, dtype=dtype, allow_pickle=allow_pickle)
-    save_converted(output, variables, config)
-    leaves = jax.tree.leaves(variables)
-    return {
-        "model": config["model"],
-        "source": path,
-        "source_tensors": config["source_tensors"],
-        "tensors": len(leaves),
-        "parameters": sum(int(np.prod(a.shape)) for a in jax.tree.leaves(variables["params"])),
-        "collections": {k: len(jax.tree.leaves(v)) for k, v in variables.items()},
-        "bytes": sum(a.nbytes for a in leaves),
-        "output": os.path.abspath(output),
-    }
+    return _save(output, variables, config, path, config["source_tensors"], model=config["model"])
 
 
 def run_bat(spatial_ast: str, bat: str, llama: str, output: str, dtype: str = "float32",
@@ -209,25 +204,11 @@ def run_bat(spatial_ast: str, bat: str, llama: str, output: str, dtype: str = "f
     """Convert BAT's three checkpoints (`jaxaudio.convert.bat.convert_bat`; `sizes`: its
     `encoder`/`projector`/`lora` kwargs, the original's by default) and write them to
     `output`; `jaxaudio.convert.bat.load_bat(output)` reads the result back."""
-    import jax
-    import numpy as np
-
-    from jaxaudio.convert import save_converted
     from jaxaudio.convert.bat import convert_bat
     variables, config = convert_bat(resolve_source(spatial_ast), resolve_source(bat), resolve_source(llama),
                                     allow_pickle=allow_pickle, dtype=dtype, **sizes)
-    save_converted(output, variables, config)
-    leaves = jax.tree.leaves(variables)
-    return {
-        "model": "bat",
-        "source": ", ".join(config["sources"].values()),
-        "source_tensors": config["source_tensors"],
-        "tensors": len(leaves),
-        "parameters": sum(int(np.prod(a.shape)) for a in jax.tree.leaves(variables["params"])),
-        "collections": {k: len(jax.tree.leaves(v)) for k, v in variables.items()},
-        "bytes": sum(a.nbytes for a in leaves),
-        "output": os.path.abspath(output),
-    }
+    return _save(output, variables, config, ", ".join(config["sources"].values()), config["source_tensors"],
+                 model="bat")
 
 
 def run_salmonn(whisper: str, beats: str | None, vicuna: str, salmonn: str, output: str, dtype: str = "float32",
@@ -235,26 +216,12 @@ def run_salmonn(whisper: str, beats: str | None, vicuna: str, salmonn: str, outp
     """Convert SALMONN's four checkpoints (`jaxaudio.convert.salmonn.convert_salmonn`; `beats`
     None: no BEATs; `sizes`: its `connector`/`lora`/`chunk_seconds`) and write them to
     `output`; `jaxaudio.convert.salmonn.load_salmonn(output)` reads the result back."""
-    import jax
-    import numpy as np
-
-    from jaxaudio.convert import save_converted
     from jaxaudio.convert.salmonn import convert_salmonn
     variables, config = convert_salmonn(resolve_source(whisper), None if beats is None else resolve_source(beats),
                                         resolve_source(vicuna), resolve_source(salmonn), allow_pickle=allow_pickle,
                                         dtype=dtype, **sizes)
-    save_converted(output, variables, config)
-    leaves = jax.tree.leaves(variables)
-    return {
-        "model": "salmonn",
-        "source": ", ".join(v for v in config["sources"].values() if v is not None),
-        "source_tensors": config["source_tensors"],
-        "tensors": len(leaves),
-        "parameters": sum(int(np.prod(a.shape)) for a in jax.tree.leaves(variables["params"])),
-        "collections": {k: len(jax.tree.leaves(v)) for k, v in variables.items()},
-        "bytes": sum(a.nbytes for a in leaves),
-        "output": os.path.abspath(output),
-    }
+    return _save(output, variables, config, ", ".join(v for v in config["sources"].values() if v is not None),
+                 config["source_tensors"], model="salmonn")
 
 
 def salmonn_sources(whisper: str | None, beats: str | None, vicuna: str | None,

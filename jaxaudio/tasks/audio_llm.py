@@ -46,3 +46,24 @@ def check_part_paths(init_cfg, parts: Sequence[str], hints: Mapping[str, str],
         if path:
             out[part] = path
     return out
+
+
+def tokenizer_path(data_cfg) -> str:
+    """`config.data.tokenizer`, or the one trained on the generated data (`<root>/tokenizer.json`)."""
+    return data_cfg.tokenizer or os.path.join(data_cfg.root, "tokenizer.json")
+
+
+def load_tokenizer(data_cfg, vocab_size: int, system: str):
+    """The config's `TextTokenizer`, checked against the LLM's vocabulary; a missing one
+    says how to get it."""
+    from jaxaudio.data.tokenizer import TextTokenizer
+    path = tokenizer_path(data_cfg)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"no tokenizer at {path}: train a {system} stage on the generated data first (it writes one), or set "
+            "config.data.tokenizer to the LLM's tokenizer (a tokenizer.json or a Hugging Face directory)")
+    tokenizer = TextTokenizer(path, data_cfg.bos_token, data_cfg.eos_token, data_cfg.pad_token)
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"tokenizer {path} has {tokenizer.vocab_size} tokens, more than "
+                         f"config.model.llm.vocab_size={vocab_size}")
+    return tokenizer

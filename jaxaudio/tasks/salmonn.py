@@ -43,7 +43,7 @@ from jaxaudio.models.qformer import SalmonnConnector
 from jaxaudio.models.salmonn import Salmonn, answer
 from jaxaudio.models.whisper import WhisperEncoder
 from jaxaudio.tasks import register
-from jaxaudio.tasks.audio_llm import check_part_paths, model_kwargs
+from jaxaudio.tasks.audio_llm import check_part_paths, load_tokenizer, model_kwargs, tokenizer_path
 from jaxaudio.tasks.base import Batch, Task
 
 log = logging.getLogger(__name__)
@@ -248,22 +248,12 @@ class SalmonnTask(Task):
     # --- data --------------------------------------------------------------------------------
     @property
     def tokenizer_path(self) -> str:
-        d = self.config.data
-        return d.tokenizer or os.path.join(d.root, "tokenizer.json")
+        return tokenizer_path(self.config.data)
 
     @property
     def tokenizer(self) -> TextTokenizer:
         if self._tokenizer is None:
-            d = self.config.data
-            if not os.path.exists(self.tokenizer_path):
-                raise FileNotFoundError(
-                    f"no tokenizer at {self.tokenizer_path}: train a stage on the generated data first (it writes "
-                    "one), or set config.data.tokenizer to the LLM's tokenizer (directory or tokenizer.json)")
-            self._tokenizer = TextTokenizer(self.tokenizer_path, d.bos_token, d.eos_token, d.pad_token)
-            vocab = self.model.parts()[3].vocab_size
-            if self._tokenizer.vocab_size > vocab:
-                raise ValueError(f"tokenizer {self.tokenizer_path} has {self._tokenizer.vocab_size} tokens, more than "
-                                 f"config.model.llm.vocab_size={vocab}")
+            self._tokenizer = load_tokenizer(self.config.data, self.model.parts()[3].vocab_size, "SALMONN")
         return self._tokenizer
 
     def annotation_files(self, split: str) -> list[str]:

@@ -393,7 +393,7 @@ def test_bad_tokenizer_and_missing_stage3_data(task, tmp_path):
                                          r"config.model.llm.vocab_size=256"):
         SalmonnTask(c).tokenizer
     c = micro_config(str(tmp_path / "nothing_here"))
-    with pytest.raises(FileNotFoundError, match="no tokenizer at .*nothing_here/tokenizer.json: train a stage"):
+    with pytest.raises(FileNotFoundError, match="no tokenizer at .*nothing_here/tokenizer.json: train a SALMONN stage"):
         SalmonnTask(c).tokenizer
     c = micro_config(root, 3)
     c.data.train_json = str(tmp_path / "activation.json")
