@@ -19,6 +19,16 @@ from jaxaudio.models.llama import causal_lm_loss
 IGNORE = -100  # label of positions without loss (Hugging Face's ignore_index)
 
 
+def part_kwargs(kwargs: dict[str, Any], system: str, part: str) -> dict[str, Any]:
+    """A copy of one part's module kwargs; a part may not set its own dtypes (the system's
+    `dtype`/`param_dtype` apply to every part)."""
+    bad = sorted({"dtype", "param_dtype"} & set(kwargs))
+    if bad:
+        raise ValueError(f"{system}: {part} kwargs must not set {bad}; {system}'s own dtype/param_dtype apply "
+                         "to every part")
+    return dict(kwargs)
+
+
 def build_sequence(prompt_ids: Sequence[int], answer_ids: Sequence[int], bos: int | None, eos: int, max_len: int,
                    pad: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One example's text: `(input_ids, attention_mask, labels)`, each `[max_len]` int32.

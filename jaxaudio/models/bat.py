@@ -29,7 +29,7 @@ import numpy as np
 
 from jaxaudio.generate import GenerateOutput, generate
 from jaxaudio.layers.lora import LoraConfig, lora
-from jaxaudio.models.audio_llm import llm_adapters
+from jaxaudio.models.audio_llm import llm_adapters, part_kwargs
 from jaxaudio.models.llama import Llama
 from jaxaudio.models.qformer import BatProjector
 from jaxaudio.models.spatial_ast import SpatialAST
@@ -38,13 +38,6 @@ PROMPT = ("Based on the audio you've heard, refer to the instruction and provide
           "### Instruction:\n{question}\n\n### Response:")
 # LoRA on the LLM's q_proj/v_proj (`llm/layers_N/attn/{query,value}` here).
 DEFAULT_LORA = {"targets": r"llm/layers_\d+/attn/(query|value)", "rank": 8, "alpha": 32.0, "dropout": 0.05}
-
-
-def _no_dtypes(kwargs: dict[str, Any], what: str) -> dict[str, Any]:
-    bad = sorted({"dtype", "param_dtype"} & set(kwargs))
-    if bad:
-        raise ValueError(f"Bat: {what} kwargs must not set {bad}; Bat's own dtype/param_dtype apply to every part")
-    return dict(kwargs)
 
 
 class Bat(nn.Module):
@@ -74,9 +67,9 @@ class Bat(nn.Module):
     def parts(self, names: tuple[str | None, ...] = (None, None, None)) -> tuple[SpatialAST, BatProjector, Llama]:
         """The three sub-modules (unbound unless built inside `setup`), named `names`."""
         kw = dict(dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype))
-        encoder = SpatialAST(**_no_dtypes(self.encoder, "encoder"), **kw, name=names[0])
-        llm = Llama(**_no_dtypes(self.llm, "llm"), **kw, name=names[2])
-        proj = _no_dtypes(self.projector, "projector")
+        encoder = SpatialAST(**part_kwargs(self.encoder, "Bat", "encoder"), **kw, name=names[0])
+        llm = Llama(**part_kwargs(self.llm, "Bat", "llm"), **kw, name=names[2])
+        proj = part_kwargs(self.projector, "Bat", "projector")
         for key, value in (("llm_width", llm.hidden_size), ("encoder_hidden_size", encoder.embed_dim)):
             if proj.setdefault(key, value) != value:
                 raise ValueError(f"Bat: projector {key}={proj[key]} but the parts need {value}")

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from jaxaudio.features.whisper import SAMPLE_RATE, whisper_log_mel
 from jaxaudio.generate import GenerateOutput, generate
 from jaxaudio.layers.lora import LoraConfig, lora
-from jaxaudio.models.audio_llm import llm_adapters
+from jaxaudio.models.audio_llm import llm_adapters, part_kwargs
 from jaxaudio.models.beats import BEATs, beats_tokens, clip_token_padding
 from jaxaudio.models.llama import Llama
 from jaxaudio.models.qformer import SalmonnConnector, num_windows, window_frames
@@ -51,14 +51,6 @@ from jaxaudio.models.whisper import WhisperEncoder
 # LoRA on the LLM's q_proj/v_proj (peft's default targets for LLaMA), as SALMONN's config.
 DEFAULT_LORA = {"targets": r"llm/layers_\d+/attn/(query|value)", "rank": 8, "alpha": 32.0, "dropout": 0.1}
 MIN_SECONDS = 1.0  # the original pads every clip to at least 1 s
-_DTYPE_FREE = ("whisper", "beats", "connector", "llm")
-
-
-def _kwargs(kwargs: dict[str, Any], what: str) -> dict[str, Any]:
-    bad = sorted({"dtype", "param_dtype"} & set(kwargs))
-    if bad:
-        raise ValueError(f"Salmonn: {what} kwargs must not set {bad}; Salmonn's own dtype/param_dtype apply")
-    return dict(kwargs)
 
 
 class Salmonn(nn.Module):
@@ -100,10 +92,11 @@ class Salmonn(nn.Module):
               ) -> tuple[WhisperEncoder, BEATs | None, SalmonnConnector, Llama]:
         """The four sub-modules (unbound unless built inside `setup`), named `names`."""
         kw = dict(dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype))
-        whisper = WhisperEncoder(**_kwargs(self.whisper, "whisper"), **kw, name=names[0])
-        beats = None if self.beats is None else BEATs(**_kwargs(self.beats, "beats"), **kw, name=names[1])
-        llm = Llama(**_kwargs(self.llm, "llm"), **kw, name=names[3])
-        conn = _kwargs(self.connector, "connector")
+        whisper = WhisperEncoder(**part_kwargs(self.whisper, "Salmonn", "whisper"), **kw, name=names[0])
+        beats = (None if self.beats is None
+                 else BEATs(**part_kwargs(self.beats, "Salmonn", "beats"), **kw, name=names[1]))
+        llm = Llama(**part_kwargs(self.llm, "Salmonn", "llm"), **kw, name=names[3])
+        conn = part_kwargs(self.connector, "Salmonn", "connector")
         for key, value in (("speech_width", whisper.d_model),
                            ("audio_width", None if beats is None else beats.encoder_embed_dim),
                            ("llm_width", llm.hidden_size)):
