@@ -48,7 +48,7 @@ def get_config(stage: str | None = None):
     c.data.update(dict(
         generate=True, root="data_cache/salmonn_tiny", num_train=2000, num_eval=200,
         train_json="workdir/salmonn_tiny/activation.json" if stage == 3 else "", train_prompts="", test_prompts="",
-        tokenizer="", pad_token="<pad>", max_seconds=4.0, max_txt_len=48, max_len=64, max_prompt_len=32))
+        tokenizer="", pad_token="<pad>", max_seconds=4.0, max_txt_len=48, max_len=64, max_prompt_len=48))
     c.train.update(dict(steps=1000, batch_size=16, eval_batch_size=50, log_every=50, eval_every=1000,
                         checkpoint_every=250, data_threads=2, data_prefetch=2))
     if stage == 3:  # a short tuning on a few long answers

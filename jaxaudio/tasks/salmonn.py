@@ -88,6 +88,14 @@ class PromptedText:
             self._cache[prompt] = self.tok.encode([after])[0]
         return self._cache[prompt]
 
+    def check_test_prompt(self, item: dict, index: int | None = None) -> None:
+        """The item's test prompt fits `max_prompt_len` (and exists for its task)."""
+        after = self._after(self.prompt(item, None), item["task"])
+        if len(after) > self.max_prompt_len:
+            where = "" if index is None else f" (evaluation item {index})"
+            raise ValueError(f"the test prompt of task {item['task']!r} takes {len(after)} tokens after the audio "
+                             f"> config.data.max_prompt_len={self.max_prompt_len}{where}")
+
     def prompt(self, item: dict, rng: np.random.Generator | None) -> str:
         task, q = item["task"], item.get("Q", "")
         return self.prompts.test(task, q) if rng is None else self.prompts.train(task, rng, q)
@@ -110,9 +118,7 @@ class PromptedText:
             ids[end], mask[end], labels[end] = self.tok.pad_id, 0, IGNORE
         out = {"suffix_ids": ids, "suffix_mask": mask, "labels": labels}
         if rng is None:
-            if len(after) > self.max_prompt_len:
-                raise ValueError(f"the test prompt of task {item['task']!r} takes {len(after)} tokens after the "
-                                 f"audio > config.data.max_prompt_len={self.max_prompt_len}")
+            self.check_test_prompt(item)
             pids, pmask = left_pad([after], self.tok.pad_id, self.max_prompt_len)
             out.update(prompt_ids=pids[0], prompt_mask=pmask[0])
         return out
@@ -130,6 +136,9 @@ class ClipSource:
         self.max_seconds = max_seconds
         self.samples = int(round(max_seconds * sd.SAMPLE_RATE))
         self.targets = [text.target(item) for item in items]
+        if for_eval:  # every test prompt must fit; checked before any training step
+            for i, item in enumerate(items):
+                text.check_test_prompt(item, i)
         cut = sum(len(text._after(text.prompt(it, None if for_eval else np.random.default_rng(0)), it["task"]))
                   + len(t) > text.max_len for it, t in zip(items[:200], self.targets[:200]))
         if cut:
@@ -338,6 +347,8 @@ class SalmonnTask(Task):
         return self._sources[split]
 
     def train_source(self) -> grain.MapDataset:
+        if self.config.train.get("eval_every"):
+            self._source("eval")  # its files and prompts are checked now, not after hours of training
         return grain.MapDataset.source(self._source("train"))
 
     def eval_source(self) -> grain.MapDataset:

@@ -253,12 +253,13 @@ class Trainer:
             writer.scalars(step, host)
             self.history.append(dict(host, step=step))
             writer.progress(step, host)
+        # Saved before the evaluation, so a failing evaluation loses no training.
+        self.checkpointer.save(step, self.state, self.data_iter, force=step == tcfg.steps)
         eval_metrics = None
         if tcfg.eval_every and (step % tcfg.eval_every == 0 or step == tcfg.steps):
             eval_metrics = self._evaluate()
             writer.scalars(step, eval_metrics, prefix="eval")
             writer.log(f"step {step} eval: " + ", ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
-        self.checkpointer.save(step, self.state, self.data_iter, force=step == tcfg.steps)
         return eval_metrics
 
     def train(self) -> dict[str, float]:

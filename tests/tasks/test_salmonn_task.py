@@ -383,6 +383,8 @@ def test_bad_prompts(task, tmp_path):
     with pytest.raises(ValueError, match=r"the test prompt of task '\w+' takes \d+ tokens after the audio > "
                                          r"config.data.max_prompt_len=3"):
         SalmonnTask(c).eval_source()[0]
+    with pytest.raises(ValueError, match=r"max_prompt_len=3 \(evaluation item 0\)"):
+        SalmonnTask(c).train_source()  # before the first training step, not at the first evaluation
 
 
 def test_bad_tokenizer_and_missing_stage3_data(task, tmp_path):
