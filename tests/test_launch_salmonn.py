@@ -210,7 +210,7 @@ def test_infer_bad_inputs(runs, clips, tmp_path):
          f"launch.infer: error: cannot read audio file {tmp_path}/gone.wav"),
         ([*_args(2, d["data"], **{"model.llm.hidden_size": 64}), f"--workdir={d['stage1']}",
           f"--audio={clips['mono']}", f"--prompt={PROMPT}"],
-         f"launch.infer: error: --workdir={d['stage1']} does not hold this config's salmonn model"),
+         f"launch.infer: error: --workdir={d['stage1']} does not hold this config's SALMONN model"),
         (["--config=configs/bat_tiny.py:2", f"--workdir={d['stage2']}", f"--audio={clips['mono']}",
           f"--prompt={PROMPT}"], "BAT needs --audio and --question"),
     ]

@@ -325,6 +325,7 @@ _GENERATED_INSTRUCTIONS = {
     "audio_story_telling": (
         "Based on the audio, write a story in detail. Your story should be highly related to the audio.",
         "Tell a long story inspired by what you hear.",
+        "Write a detailed story that begins with the sounds in this recording.",
     ),
 }
 GENERATED_TRAIN_PROMPTS = {task: [SPEECH_PREFIX + s for s in lines]

@@ -28,6 +28,6 @@ def load_model(task, workdir: str | None, checkpoint: str | None, load_converted
     have = {k: tuple(v.shape) for k, v in flatten(variables).items()}
     if want != have:
         differ = sorted(set(want.items()) ^ set(have.items()))
-        raise InferError(f"--workdir={workdir} does not hold this config's {task.config.task} model ({len(differ)} "
+        raise InferError(f"--workdir={workdir} does not hold this config's {task.config.task.upper()} model ({len(differ)} "
                          f"variables differ, e.g. {differ[0][0]}); is it a run of another model or size?")
     return task.model, variables
