@@ -124,6 +124,9 @@ class SpatialAST(nn.Module):
     # The original draws head weights with std 2e-5, which suits a pretrained trunk. From
     # scratch such heads pass almost no gradient into the trunk; a larger std trains.
     head_init_std: float = 2e-5
+    # The original's stem mixes the four maps (two log-mels, cos/sin IPD) into ONE channel;
+    # more keeps them apart (a diagnostic for small budgets, not the original).
+    stem_channels: int = 1
     drop_path_rate: float = 0.1
     time_mask: int = 192
     freq_mask: int = 48
@@ -143,7 +146,7 @@ class SpatialAST(nn.Module):
         x = BinauralFrontend(self.sample_rate, self.n_fft, self.hop_length, self.n_mels, self.fmin, self.fmax,
                              self.target_frames, self.stft_method, name="frontend")(wave, train)
 
-        x = nn.Conv(1, (3, 3), padding=1, use_bias=False, name="stem_conv",
+        x = nn.Conv(self.stem_channels, (3, 3), padding=1, use_bias=False, name="stem_conv",
                     kernel_init=param(nn.initializers.kaiming_uniform(),
                                       ("conv_h", "conv_w", "conv_in", "conv_out")), **kw)(x)
         x = BatchNorm(name="stem_bn", **kw)(x, train)

@@ -230,3 +230,16 @@ def test_smoothed_direction_targets():
         assert float(smooth[name]) == pytest.approx(float(want), rel=1e-5)
         hard_want = torch.nn.functional.cross_entropy(torch.from_numpy(out[name[3:]]).float(), torch.from_numpy(bins))
         assert float(hard[name]) == pytest.approx(float(hard_want), rel=1e-5)
+
+
+def test_stem_channels_option():
+    """`stem_channels=1` is the original's 4 -> 1 stem; more keeps the four maps apart."""
+    wave = jax.ShapeDtypeStruct((1, 2, 3200), jnp.float32)
+    for channels in (1, 4):
+        model = MODEL.clone(stem_channels=channels)
+        v = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), wave))
+        assert v["params"]["stem_conv"]["kernel"].shape == (3, 3, 4, channels)
+        assert v["params"]["patch_embed"]["kernel"].shape == (8, 8, channels, 32)
+        assert v["batch_stats"]["stem_bn"]["mean"].shape == (channels,)
+        out = jax.eval_shape(lambda v, w: model.apply(v, w), v, wave)
+        assert out["azimuth"].shape == (1, 360)
