@@ -31,10 +31,8 @@ Every item is a function of (seed, split, index) alone, whatever the number of w
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import logging
-import multiprocessing
 import os
 import shutil
 import subprocess
@@ -678,21 +676,14 @@ def generate_salmonn_corpus(
     counts = {"train": int(num_train), "eval": int(num_eval)}
     jobs = [(paths["root"], int(seed), split, i, tasks[i % len(tasks)], espeak)
             for split in SPLITS for i in range(counts[split])]
-    workers = scenes.default_workers(len(jobs)) if num_workers is None else max(1, num_workers)
-    if workers == 1:
-        items = [_write_item(job) for job in jobs]
-    else:
-        # spawn, not fork: the parent may hold JAX's threads, which fork cannot copy.
-        with concurrent.futures.ProcessPoolExecutor(
-                workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            items = list(pool.map(_write_item, jobs, chunksize=16))
+    items = scenes.map_jobs(_write_item, jobs, num_workers)
     write_json_atomic(paths["train"], {"annotation": items[:counts["train"]]})
     write_json_atomic(paths["eval"], {"annotation": items[counts["train"]:]})
     PromptTable(GENERATED_TRAIN_PROMPTS, GENERATED_TEST_PROMPTS).write(
         paths["train_prompt"], paths["test_prompt"])
     write_json_atomic(paths["params"], _params(num_train, num_eval, seed, tasks, espeak is not None))
-    _LOG.info("wrote %d SALMONN items (%s) to %s in %.1f s with %d worker(s)", len(jobs),
-              ", ".join(tasks), paths["root"], time.perf_counter() - start, workers)
+    _LOG.info("wrote %d SALMONN items (%s) to %s in %.1f s", len(jobs),
+              ", ".join(tasks), paths["root"], time.perf_counter() - start)
     return paths
 
 

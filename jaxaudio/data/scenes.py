@@ -139,6 +139,18 @@ def default_workers(num_clips: int) -> int:
     return max(1, min(cpus, 8, num_clips // _MIN_CLIPS_PER_WORKER))
 
 
+def map_jobs(fn, jobs: list, num_workers: int | None = None) -> list:
+    """`[fn(job) for job in jobs]`, in worker processes when there are enough jobs
+    (`default_workers`; `num_workers` overrides). The generators' items depend only on
+    their job, so the result is the same whatever the number of workers."""
+    workers = default_workers(len(jobs)) if num_workers is None else max(1, num_workers)
+    if workers == 1:
+        return [fn(job) for job in jobs]
+    # spawn, not fork: the parent may hold JAX's threads, which fork cannot copy.
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(fn, jobs, chunksize=16))
+
+
 def _params(num_clips, seed, sample_rate, clip_seconds, classes, split_name) -> dict:
     return {
         "generator_version": GENERATOR_VERSION,
@@ -205,22 +217,15 @@ def generate_scenes(
     os.makedirs(split_dir, exist_ok=True)
     jobs = [(split_dir, i, seed, sample_rate, clip_seconds, classes)
             for i in range(num_clips)]
-    workers = default_workers(num_clips) if num_workers is None else max(1, num_workers)
     start = time.perf_counter()
-    if workers == 1:
-        records = [_write_clip(job) for job in jobs]
-    else:
-        # spawn, not fork: the parent may hold JAX's threads, which fork cannot copy.
-        with concurrent.futures.ProcessPoolExecutor(
-                workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            records = list(pool.map(_write_clip, jobs, chunksize=16))
+    records = map_jobs(_write_clip, jobs, num_workers)
     manifest_lib.write_classes(classes_path, classes)
     with open(params_path, "w", encoding="utf-8") as f:
         json.dump(_params(num_clips, seed, sample_rate, clip_seconds, classes, split_name),
                   f, indent=1)
     manifest_lib.write_manifest(manifest_path, records)
-    _LOG.info("wrote %d %s clips to %s in %.1f s with %d worker(s)", num_clips, split_name,
-              out_dir, time.perf_counter() - start, workers)
+    _LOG.info("wrote %d %s clips to %s in %.1f s", num_clips, split_name,
+              out_dir, time.perf_counter() - start)
     return manifest_path
 
 

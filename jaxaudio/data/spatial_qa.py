@@ -56,10 +56,8 @@ files whatever the number of workers.
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import logging
-import multiprocessing
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -477,14 +475,7 @@ def generate_spatial_qa(
     jobs = [(paths["root"], int(seed), split, i, question_type_for(i, stage_types),
              int(sample_rate), float(clip_seconds), classes)
             for split in SPLITS for i in range(counts[split])]
-    workers = scenes.default_workers(len(jobs)) if num_workers is None else max(1, num_workers)
-    if workers == 1:
-        results = [_write_item(job) for job in jobs]
-    else:
-        # spawn, not fork: the parent may hold JAX's threads, which fork cannot copy.
-        with concurrent.futures.ProcessPoolExecutor(
-                workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results = list(pool.map(_write_item, jobs, chunksize=16))
+    results = scenes.map_jobs(_write_item, jobs, num_workers)
     offset = 0
     for split in SPLITS:
         part = results[offset:offset + counts[split]]
@@ -493,8 +484,8 @@ def generate_spatial_qa(
         write_json_atomic(paths[split], {"data": [item for item, _ in part]})
     write_json_atomic(paths["params"], _params(num_train, num_eval, seed, clip_seconds,
                                          stage_types, sample_rate, classes))
-    _LOG.info("wrote %d SpatialSoundQA items to %s in %.1f s with %d worker(s)", len(jobs),
-              paths["root"], time.perf_counter() - start, workers)
+    _LOG.info("wrote %d SpatialSoundQA items to %s in %.1f s", len(jobs),
+              paths["root"], time.perf_counter() - start)
     return paths
 
 
