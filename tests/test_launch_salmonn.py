@@ -17,6 +17,7 @@ import soundfile as sf
 from configs import salmonn_tiny
 from jaxaudio.convert.engine import flatten, unflatten
 from jaxaudio.data import salmonn_data as sd
+from jaxaudio.data import salmonn_corpus as sc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SR = sd.SAMPLE_RATE
@@ -128,7 +129,7 @@ def test_stages_chain(runs):
     for a, b in ((first, second), (second, third)):  # trained on
         assert not np.array_equal(a[PROJ], b[PROJ])
     # Stage 2 evaluates its tasks; stage 3 is evaluated on stage 2's tasks too.
-    here = set(sd.STAGES[2]) & set(sd.available_tasks())
+    here = set(sc.STAGES[2]) & set(sc.available_tasks())
     for stage in ("stage2", "stage3"):
         metrics = _final_eval(out[stage])
         assert {k.split("/")[0] for k in metrics if "/" in k} <= here and "loss" in metrics, metrics

@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxaudio.data import salmonn_data as sd
+
+from jaxaudio.data import salmonn_corpus as sc
 from jaxaudio.data.tokenizer import TextTokenizer, ensure_tokenizer
 from jaxaudio.eval import text_metrics
 from jaxaudio.models.audio_llm import IGNORE, answer_token_stats, build_sequence, left_pad, text_loss
@@ -270,7 +272,7 @@ class SalmonnTask(Task):
         d = self.config.data
         files = [f for f in str(d[f"{split}_json"]).split(",") if f]
         if not files and d.generate:
-            return [sd.layout_paths(d.root)[split]]
+            return [sc.layout_paths(d.root)[split]]
         if not files:
             raise ValueError(f"config.data.{split}_json is required when config.data.generate is False")
         missing = [f for f in files if not os.path.exists(f)]
@@ -283,7 +285,7 @@ class SalmonnTask(Task):
     def prompt_table(self) -> sd.PromptTable:
         d = self.config.data
         if d.generate and not (d.train_prompts or d.test_prompts):
-            paths = sd.layout_paths(d.root)
+            paths = sc.layout_paths(d.root)
             return sd.PromptTable.from_files(paths["train_prompt"], paths["test_prompt"])
         if not (d.train_prompts and d.test_prompts):
             raise ValueError("config.data.train_prompts and config.data.test_prompts are required (SALMONN's "
@@ -300,7 +302,7 @@ class SalmonnTask(Task):
             return tuple(t for t in str(chosen).split(",") if t)
         if not d.generate or (split == "train" and d.train_json):
             return ()
-        return sd.STAGES[min(self.stage, 2) if split == "eval" else self.stage]
+        return sc.STAGES[min(self.stage, 2) if split == "eval" else self.stage]
 
     def prepare_data(self) -> None:
         """Generate the corpus and train the tokenizer on its text, unless both exist."""
@@ -308,8 +310,8 @@ class SalmonnTask(Task):
         d = self.config.data
         if not d.generate:
             return
-        tasks = tuple(t for t in sd.ALL_TASKS if t in sd.available_tasks())
-        paths = sd.ensure_salmonn_corpus(d.root, d.num_train, d.num_eval, d.seed, tasks=tasks,
+        tasks = tuple(t for t in sc.ALL_TASKS if t in sc.available_tasks())
+        paths = sc.ensure_salmonn_corpus(d.root, d.num_train, d.num_eval, d.seed, tasks=tasks,
                                          num_workers=d.num_workers or None)
         if d.tokenizer:
             return

@@ -11,6 +11,8 @@ import pytest
 import soundfile as sf
 
 from jaxaudio.data import salmonn_data as sd
+
+from jaxaudio.data import salmonn_corpus as sc
 from jaxaudio.data.audio import AudioError
 
 SR = sd.SAMPLE_RATE
@@ -30,14 +32,14 @@ def _tree(root):
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """24 train and 12 eval items, the four tasks taking turns."""
-    return sd.ensure_salmonn_corpus(tmp_path_factory.mktemp("corpus"), 24, 12, seed=0,
+    return sc.ensure_salmonn_corpus(tmp_path_factory.mktemp("corpus"), 24, 12, seed=0,
                                     num_workers=1)
 
 
 @pytest.fixture()
 def no_espeak(monkeypatch):
-    monkeypatch.setattr(sd, "espeak_binary", lambda: None)
-    monkeypatch.setattr(sd, "_warned_no_espeak", False)
+    monkeypatch.setattr(sc, "espeak_binary", lambda: None)
+    monkeypatch.setattr(sc, "_warned_no_espeak", False)
 
 
 def _write_json(path, doc):
@@ -50,7 +52,7 @@ def _write_json(path, doc):
 
 
 def test_corpus_layout_and_clips(corpus):
-    tasks = sd.available_tasks()
+    tasks = sc.available_tasks()
     for split, count in (("train", 24), ("eval", 12)):
         with open(corpus[split], encoding="utf-8") as f:
             raw = json.load(f)
@@ -61,13 +63,13 @@ def test_corpus_layout_and_clips(corpus):
         for item in items:
             info = sf.info(item["path"])
             assert (info.samplerate, info.channels, info.subtype) == (SR, 1, "PCM_16")
-            assert 1.0 <= info.duration <= sd.MAX_CLIP_SECONDS, (item, info.duration)
+            assert 1.0 <= info.duration <= sc.MAX_CLIP_SECONDS, (item, info.duration)
             assert item["text"], item
             clip = sd.load_clip(item)
             assert clip.dtype == np.float32 and 0 < np.max(np.abs(clip)) <= 1.0
     table = sd.PromptTable.from_files(corpus["train_prompt"], corpus["test_prompt"])
     # The generated tasks, and stage 3's (its answers come from the stage-2 model).
-    assert set(table.train_tasks) == {*sd.ALL_TASKS, "audio_story_telling"} == set(table.test_tasks)
+    assert set(table.train_tasks) == {*sc.ALL_TASKS, "audio_story_telling"} == set(table.test_tasks)
     with open(corpus["params"], encoding="utf-8") as f:
         params = json.load(f)
     assert params["tasks"] == list(tasks) and params["speech"] == HAVE_ESPEAK
@@ -79,12 +81,12 @@ def test_corpus_texts(corpus):
         if item["task"] == "audiocaption":
             assert 1 <= len(item["classes"]) <= 2
             for name in item["classes"]:  # the caption names every sound
-                assert any(p in item["text"] for p in sd.SOUND_TEXT[name][0]
-                           + sd.SOUND_TEXT[name][1]), item
+                assert any(p in item["text"] for p in sc.SOUND_TEXT[name][0]
+                           + sc.SOUND_TEXT[name][1]), item
         elif item["task"] == "QA":
             assert item["Q"].endswith("?") and item["text"], item
-            if "classes" in item and item["Q"] in sd._SOUND_QUESTIONS["what"]:
-                assert item["text"] == sd.SOUND_TEXT[item["classes"][0]][2]
+            if "classes" in item and item["Q"] in sc._SOUND_QUESTIONS["what"]:
+                assert item["text"] == sc.SOUND_TEXT[item["classes"][0]][2]
         else:
             assert item["Q"] == ""
 
@@ -96,18 +98,18 @@ def test_corpus_speech(corpus):
     for item in train + evals:
         if item["task"] == "asr":
             words = item["text"].split()
-            assert 3 <= len(words) <= 6 and set(words) <= sd.VOCABULARY, item
+            assert 3 <= len(words) <= 6 and set(words) <= sc.VOCABULARY, item
             assert item["text"] == item["text"].lower()
         if item["task"] == "gender_recognition":
-            assert item["voice"] in sd.VOICES[item["text"]], item
+            assert item["voice"] in sc.VOICES[item["text"]], item
     held_out = {i["text"] for i in evals if i["task"] == "asr"}
     assert held_out and not held_out & {i["text"] for i in train if i["task"] == "asr"}
-    assert {i["task"] for i in train} == set(sd.ALL_TASKS)
+    assert {i["task"] for i in train} == set(sc.ALL_TASKS)
 
 
 @needs_espeak
 def test_synthesize_speech():
-    x = sd.synthesize_speech("the red dog runs quickly", "en+f2", 160, 50)
+    x = sc.synthesize_speech("the red dog runs quickly", "en+f2", 160, 50)
     assert x.dtype == np.float32 and x.ndim == 1
     assert 0.8 * SR < len(x) < 3 * SR  # 5 words at 160 wpm, silence trimmed
     assert np.max(np.abs(x)) > 0.05
@@ -115,52 +117,52 @@ def test_synthesize_speech():
 
 def test_sentences_held_out():
     rng = np.random.default_rng(0)
-    train = {sd.sample_sentence(rng, 7, "train") for _ in range(600)}
-    evals = {sd.sample_sentence(rng, 7, "eval") for _ in range(150)}
+    train = {sc.sample_sentence(rng, 7, "train") for _ in range(600)}
+    evals = {sc.sample_sentence(rng, 7, "eval") for _ in range(150)}
     assert not train & evals and len(evals) > 100
-    assert 40 <= len(sd.VOCABULARY) <= 60
+    assert 40 <= len(sc.VOCABULARY) <= 60
     for s in train | evals:
-        assert 3 <= len(s.split()) <= 6 and set(s.split()) <= sd.VOCABULARY
+        assert 3 <= len(s.split()) <= 6 and set(s.split()) <= sc.VOCABULARY
     # Same vocabulary in both splits: eval introduces no word that train lacks.
     assert {w for s in evals for w in s.split()} <= {w for s in train for w in s.split()}
 
 
 def test_same_seed_same_files_any_workers(corpus, tmp_path):
-    again = sd.ensure_salmonn_corpus(tmp_path / "again", 24, 12, seed=0, num_workers=2)
+    again = sc.ensure_salmonn_corpus(tmp_path / "again", 24, 12, seed=0, num_workers=2)
     first, second = _tree(corpus["root"]), _tree(again["root"])
     assert sorted(first) == sorted(second)
     assert [k for k in first if first[k] != second[k]] == []
-    other = sd.ensure_salmonn_corpus(tmp_path / "other", 24, 12, seed=1, num_workers=1)
+    other = sc.ensure_salmonn_corpus(tmp_path / "other", 24, 12, seed=1, num_workers=1)
     assert _tree(other["root"])["train.json"] != first["train.json"]
 
 
 def test_ensure_reuses_and_regenerates(tmp_path):
-    paths = sd.ensure_salmonn_corpus(tmp_path, 4, 2, seed=3, tasks=("audiocaption",),
+    paths = sc.ensure_salmonn_corpus(tmp_path, 4, 2, seed=3, tasks=("audiocaption",),
                                      num_workers=1)
     stamp = os.stat(paths["train"]).st_mtime_ns
-    assert sd.ensure_salmonn_corpus(tmp_path, 4, 2, seed=3, tasks=("audiocaption",),
+    assert sc.ensure_salmonn_corpus(tmp_path, 4, 2, seed=3, tasks=("audiocaption",),
                                     num_workers=1) == paths
     assert os.stat(paths["train"]).st_mtime_ns == stamp  # reused
     # An interrupted run removes params.json first: the corpus does not count as done.
     os.remove(paths["params"])
-    sd.ensure_salmonn_corpus(tmp_path, 4, 2, seed=3, tasks=("audiocaption",), num_workers=1)
+    sc.ensure_salmonn_corpus(tmp_path, 4, 2, seed=3, tasks=("audiocaption",), num_workers=1)
     assert os.path.exists(paths["params"])
     # A missing clip or other parameters regenerate too.
     os.remove(os.path.join(paths["root"], "wav", "eval_000001.wav"))
-    sd.ensure_salmonn_corpus(tmp_path, 4, 2, seed=3, tasks=("audiocaption",), num_workers=1)
+    sc.ensure_salmonn_corpus(tmp_path, 4, 2, seed=3, tasks=("audiocaption",), num_workers=1)
     assert os.path.exists(os.path.join(paths["root"], "wav", "eval_000001.wav"))
-    sd.ensure_salmonn_corpus(tmp_path, 5, 2, seed=3, tasks=("audiocaption",), num_workers=1)
+    sc.ensure_salmonn_corpus(tmp_path, 5, 2, seed=3, tasks=("audiocaption",), num_workers=1)
     assert len(sd.read_annotations(paths["train"])) == 5
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
     with pytest.raises(ValueError, match="tasks must be among"):
-        sd.ensure_salmonn_corpus(tmp_path, 4, 2, seed=3, tasks=("audio_story_telling",))
+        sc.ensure_salmonn_corpus(tmp_path, 4, 2, seed=3, tasks=("audio_story_telling",))
 
 
 def test_without_espeak(no_espeak, tmp_path, caplog):
-    assert sd.available_tasks() == ("audiocaption", "QA")
-    with caplog.at_level(logging.WARNING, logger=sd.__name__):
-        paths = sd.ensure_salmonn_corpus(tmp_path, 8, 2, seed=0, num_workers=1)
-        sd.ensure_salmonn_corpus(tmp_path / "b", 2, 2, seed=0, tasks=sd.STAGES[1],
+    assert sc.available_tasks() == ("audiocaption", "QA")
+    with caplog.at_level(logging.WARNING, logger=sc.__name__):
+        paths = sc.ensure_salmonn_corpus(tmp_path, 8, 2, seed=0, num_workers=1)
+        sc.ensure_salmonn_corpus(tmp_path / "b", 2, 2, seed=0, tasks=sc.STAGES[1],
                                  num_workers=1)
     warnings = [r for r in caplog.records if "espeak-ng" in r.getMessage()]
     assert len(warnings) == 1 and "asr" in warnings[0].getMessage()
@@ -168,9 +170,9 @@ def test_without_espeak(no_espeak, tmp_path, caplog):
     assert {i["task"] for i in items} == {"audiocaption", "QA"}
     assert all("voice" not in i for i in items)  # QA asks about sounds only
     with pytest.raises(ValueError, match="without espeak-ng"):
-        sd.ensure_salmonn_corpus(tmp_path / "c", 2, 2, seed=0, tasks=("asr",))
+        sc.ensure_salmonn_corpus(tmp_path / "c", 2, 2, seed=0, tasks=("asr",))
     with pytest.raises(RuntimeError, match="espeak-ng"):
-        sd.synthesize_speech("the dog runs", "en+m1", 160, 50)
+        sc.synthesize_speech("the dog runs", "en+m1", 160, 50)
 
 
 # ---------------------------------------------------------------- annotations
@@ -330,10 +332,10 @@ def test_prompt_table_rejects_bad_prompts(tmp_path):
 
 def test_builtin_prompts():
     rng = np.random.default_rng(0)
-    for task, prompts in sd.GENERATED_TRAIN_PROMPTS.items():
+    for task, prompts in sc.GENERATED_TRAIN_PROMPTS.items():
         assert 3 <= len(prompts) <= 6 and all(p.startswith(sd.SPEECH_PREFIX) for p in prompts)
-    table = sd.PromptTable(sd.GENERATED_TRAIN_PROMPTS, sd.DEFAULT_TEST_PROMPTS)
-    for task in sd.ALL_TASKS:
+    table = sd.PromptTable(sc.GENERATED_TRAIN_PROMPTS, sc.DEFAULT_TEST_PROMPTS)
+    for task in sc.ALL_TASKS:
         assert table.train(task, rng, q="Q?").startswith("USER: <Speech><SpeechHere></Speech> ")
         assert sd.split_prompt(table.test(task, q="Q?"))[1].endswith("\nASSISTANT:")
     # The released weights' fixed prompts (SALMONN's test_prompt.json).
@@ -341,5 +343,5 @@ def test_builtin_prompts():
                                  "and give me the transcription.\nASSISTANT:")
     assert table.test("QA", q="What is it?") == (
         "USER: <Speech><SpeechHere></Speech> What is it?\nASSISTANT:")
-    assert sd.STAGES[1] == ("asr", "audiocaption")
-    assert set(sd.STAGES[2]) == set(sd.ALL_TASKS)
+    assert sc.STAGES[1] == ("asr", "audiocaption")
+    assert set(sc.STAGES[2]) == set(sc.ALL_TASKS)

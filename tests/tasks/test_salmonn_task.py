@@ -12,6 +12,7 @@ from configs import salmonn_7b, salmonn_13b, salmonn_tiny
 from jaxaudio.convert.engine import flatten, unflatten
 from jaxaudio.convert.io import save_converted
 from jaxaudio.data import salmonn_data as sd
+from jaxaudio.data import salmonn_corpus as sc
 from jaxaudio.data.audio import AudioError
 from jaxaudio.models.audio_llm import IGNORE
 from jaxaudio.tasks import get_task
@@ -209,7 +210,7 @@ def test_eval_examples_use_the_test_prompt_left_padded(task):
     for i in range(len(source)):
         ex, item = source[i], items[i]
         want = _after(table.test(item["task"], item["Q"]))
-        assert want == _after(sd.PROMPT_TEMPLATE.format(sd.GENERATED_TEST_PROMPTS[item["task"]]
+        assert want == _after(sd.PROMPT_TEMPLATE.format(sc.GENERATED_TEST_PROMPTS[item["task"]]
                                                         .replace("{}", item["Q"])))
         pids, pmask = ex["prompt_ids"], ex["prompt_mask"]
         assert pids.shape == pmask.shape == (MAX_PROMPT_LEN,)
@@ -232,13 +233,13 @@ def test_official_layout_takes_the_same_path(task):
 
 
 def test_stage_task_filtering(task, tmp_path):
-    root, here = task.config.data.root, set(sd.available_tasks())
+    root, here = task.config.data.root, set(sc.available_tasks())
     stage1 = SalmonnTask(micro_config(root, 1))
     for split in ("train", "eval"):
-        assert {it["task"] for it in stage1._split(split)} == set(sd.STAGES[1]) & here
+        assert {it["task"] for it in stage1._split(split)} == set(sc.STAGES[1]) & here
     every = sd.read_annotations(os.path.join(root, "train.json"))
-    assert len(stage1.train_source()) == sum(it["task"] in sd.STAGES[1] for it in every)
-    assert {it["task"] for it in task._split("train")} == set(sd.STAGES[2]) & here
+    assert len(stage1.train_source()) == sum(it["task"] in sc.STAGES[1] for it in every)
+    assert {it["task"] for it in task._split("train")} == set(sc.STAGES[2]) & here
     # Stage 3 trains on its own file (answers of the stage-2 model) and is evaluated on stage 2's tasks.
     clips = every[:3]
     stories = _write_json(tmp_path / "activation.json", {"annotation": [
@@ -369,7 +370,7 @@ def test_bad_annotations_and_audio(task, tmp_path):
 def test_bad_prompts(task, tmp_path):
     from jaxaudio.data.salmonn_data import PromptError
     root = task.config.data.root
-    train = {t: [sd.SPEECH_PREFIX + "Do it."] for t in sd.ALL_TASKS}
+    train = {t: [sd.SPEECH_PREFIX + "Do it."] for t in sc.ALL_TASKS}
     no_audio = _write_json(tmp_path / "no_audio.json", {**train, "asr": ["Transcribe the speech."]})
     with pytest.raises(PromptError, match="a prompt of task 'asr' needs exactly one <SpeechHere>"):
         SalmonnTask(official_config(root, train_prompts=no_audio)).train_source()
