@@ -80,7 +80,8 @@ class PromptedText:
         self.prefix = prefix_ids(tokenizer)
         self._cache: dict[str, list[int]] = {}
 
-    def _after(self, prompt: str, task: str) -> list[int]:
+    def after_ids(self, prompt: str, task: str) -> list[int]:
+        """Token ids of the prompt's part after `<SpeechHere>` (cached per prompt)."""
         if prompt not in self._cache:
             before, after = sd.split_prompt(prompt)
             if before != PREFIX_TEXT:
@@ -92,7 +93,7 @@ class PromptedText:
 
     def check_test_prompt(self, item: dict, index: int | None = None) -> None:
         """The item's test prompt fits `max_prompt_len` (and exists for its task)."""
-        after = self._after(self.prompt(item, None), item["task"])
+        after = self.after_ids(self.prompt(item, None), item["task"])
         if len(after) > self.max_prompt_len:
             where = "" if index is None else f" (evaluation item {index})"
             raise ValueError(f"the test prompt of task {item['task']!r} takes {len(after)} tokens after the audio "
@@ -110,7 +111,7 @@ class PromptedText:
         """`suffix_ids`, `suffix_mask`, `labels` `[max_len]`; with `rng` None (evaluation)
         the test prompt, plus `prompt_ids`/`prompt_mask` `[max_prompt_len]` (left-padded)."""
         prompt = self.prompt(item, rng)
-        after = self._after(prompt, item["task"])
+        after = self.after_ids(prompt, item["task"])
         target = self.target(item) if target is None else target
         # build_sequence appends the EOS; the target already ends with it unless it was cut.
         answer_ids, eos = (target[:-1], target[-1]) if target[-1] == self.tok.eos_id else (target, None)
@@ -141,7 +142,7 @@ class ClipSource:
         if for_eval:  # every test prompt must fit; checked before any training step
             for i, item in enumerate(items):
                 text.check_test_prompt(item, i)
-        cut = sum(len(text._after(text.prompt(it, None if for_eval else np.random.default_rng(0)), it["task"]))
+        cut = sum(len(text.after_ids(text.prompt(it, None if for_eval else np.random.default_rng(0)), it["task"]))
                   + len(t) > text.max_len for it, t in zip(items[:200], self.targets[:200]))
         if cut:
             log.warning("some examples (%d of the first %d) are longer than config.data.max_len=%d and lose the "
