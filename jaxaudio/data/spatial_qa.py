@@ -15,7 +15,7 @@ QA items have the official fields {audio_id, reverb_id, audio_id2, reverb_id2, q
 question_type, question, answer} (the *2 fields null for one source) plus the ground truth:
 "labels" (class names), "azimuth", "elevation" (BAT bins, `manifest.spatial_targets`),
 "distance_m", "source_position", "sensor_position", the same suffixed "2" for the second
-source, and "relation" for the yes/no types.
+source, and "relation" for the yes/no types and MIXUP_NONBINARY_SOURCE.
 
 Question types (letter: question_type):
 
@@ -27,10 +27,13 @@ Question types (letter: question_type):
        MIXUP_DISTANCE_BOTH          2 sources  is X closer/farther than Y?  (yes/no)
        MIXUP_NONBINARY_DIRECTION    2 sources  direction of X relative to Y
        MIXUP_NONBINARY_DISTANCE     2 sources  distance between X and Y
+       MIXUP_NONBINARY_SOURCE       2 sources  which sound is <relation> Y?  (X's label)
 
 The named source X is always source 1 (audio_id / reverb_id) and Y source 2; which clip is
-source 1 is random, so the order carries no information. Both sources of an item share one
-room and listener. Geometry is in the listener's frame (+x right, +y up, facing -z).
+source 1 is random, so the order carries no information. MIXUP_NONBINARY_SOURCE names only Y
+and a relation, a word of X's octant relative to Y (so it holds), and asks for X. Both
+sources of an item share one room and listener. Geometry is in the listener's frame (+x
+right, +y up, facing -z).
 
 Answer grammar (what `eval.spatial_qa.parse_answer` reads back):
 
@@ -44,6 +47,7 @@ Answer grammar (what `eval.spatial_qa.parse_answer` reads back):
     A, C -> labels                   B, D -> octant "; " distance  (of source - listener)
     MIXUP_DIRECTION, MIXUP_DISTANCE_BOTH -> "Yes" | "No"
     MIXUP_NONBINARY_DIRECTION -> octant (of X - Y)    MIXUP_NONBINARY_DISTANCE -> distance |X - Y|
+    MIXUP_NONBINARY_SOURCE -> labels (X's alone)
 
 Sources sit at least `ANGLE_MARGIN` degrees from the left/right and front/behind boundaries
 and `ELEVATION_MARGIN` degrees above or below the horizontal, and the two sources of a
@@ -75,7 +79,7 @@ from jaxaudio.data.sources import SOURCE_CLASSES
 _LOG = logging.getLogger(__name__)
 
 # Bump when the generated content changes, so `ensure_spatial_qa` regenerates.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 SPLITS = ("train", "eval")
 
 CLASSIFICATION = "CLASSIFICATION"
@@ -86,6 +90,7 @@ MIXUP_DIRECTION = "MIXUP_DIRECTION"
 MIXUP_DISTANCE_BOTH = "MIXUP_DISTANCE_BOTH"
 MIXUP_NONBINARY_DIRECTION = "MIXUP_NONBINARY_DIRECTION"
 MIXUP_NONBINARY_DISTANCE = "MIXUP_NONBINARY_DISTANCE"
+MIXUP_NONBINARY_SOURCE = "MIXUP_NONBINARY_SOURCE"
 
 LETTER_TYPES = {
     "A": (CLASSIFICATION,),
@@ -93,10 +98,11 @@ LETTER_TYPES = {
     "C": (MIXUP_SINGLE_CLASSIFICATION,),
     "D": (MIXUP_SINGLE_DOA,),
     "E": (MIXUP_DIRECTION, MIXUP_DISTANCE_BOTH, MIXUP_NONBINARY_DIRECTION,
-          MIXUP_NONBINARY_DISTANCE),
+          MIXUP_NONBINARY_DISTANCE, MIXUP_NONBINARY_SOURCE),
 }
 TYPE_LETTER = {t: letter for letter, types in LETTER_TYPES.items() for t in types}
 BINARY_TYPES = (MIXUP_DIRECTION, MIXUP_DISTANCE_BOTH)
+LABEL_TYPES = (CLASSIFICATION, MIXUP_SINGLE_CLASSIFICATION, MIXUP_NONBINARY_SOURCE)
 STAGES = {1: ("A", "B"), 2: ("A", "B", "C", "D"), 3: ("A", "B", "C", "D", "E")}
 
 ANGLE_MARGIN = 15.0  # degrees
@@ -171,6 +177,13 @@ TEMPLATES = {
         "How many metres separate the {x} from the {y}?",
         "Estimate the distance from the {x} to the {y}.",
     ),
+    MIXUP_NONBINARY_SOURCE: (
+        "Which sound is {rel} the sound of the {y}?",
+        "What do you hear {rel} the {y}?",
+        "Which sound source is located {rel} the source of the {y}?",
+        "Name the sound that comes from a position {rel} the {y}.",
+        "Of the two sounds, which one is {rel} the sound of the {y}?",
+    ),
 }
 
 
@@ -206,16 +219,16 @@ def targets(item: Mapping) -> dict:
     """The ground truth of a generated item, in the form `eval.spatial_qa.parse_answer` gives.
 
     Returns:
-        {"labels": frozenset of normalised label texts} for A and C;
-        {"direction": octant tuple, "distance": metres} for B and D;
+        {"labels": frozenset of normalised label texts} for A and C, and X's alone for
+        MIXUP_NONBINARY_SOURCE; {"direction": octant tuple, "distance": metres} for B and D;
         {"yes": bool} for the binary E types; {"direction": ...} or {"distance": ...} for
-        the non-binary ones.
+        the other non-binary ones.
 
     Raises:
         KeyError: a ground-truth field is missing; ValueError: an unknown question type.
     """
     qtype = item["question_type"]
-    if qtype in (CLASSIFICATION, MIXUP_SINGLE_CLASSIFICATION):
+    if qtype in LABEL_TYPES:
         names = list(item["labels"])
         if qtype == MIXUP_SINGLE_CLASSIFICATION:
             names += list(item["labels2"])
@@ -311,7 +324,7 @@ def _sample_pair(rng: np.random.Generator, room: Mapping) -> tuple[np.ndarray, n
 
 
 def question_type_for(index: int, stage_types: Sequence[str]) -> str:
-    """Letters take turns; within E the four types take turns too."""
+    """Letters take turns; within E the five types take turns too."""
     letter = stage_types[index % len(stage_types)]
     types = LETTER_TYPES[letter]
     return types[(index // len(stage_types)) % len(types)]
@@ -368,6 +381,9 @@ def make_item(seed: int, split: str, index: int, question_type: str, sample_rate
         item["relation"] = str(rng.choice([w for pair in AXIS_WORDS for w in pair]))
     elif question_type == MIXUP_DISTANCE_BOTH:
         item["relation"] = str(rng.choice(sorted(_DISTANCE_PHRASE)))
+    elif question_type == MIXUP_NONBINARY_SOURCE:
+        # A word of X's own octant relative to Y, so the relation singles out X.
+        item["relation"] = str(rng.choice(octant(positions[0] - positions[1])))
     template = TEMPLATES[question_type][int(rng.integers(len(TEMPLATES[question_type])))]
     phrases = {**_DIRECTION_PHRASE, **_DISTANCE_PHRASE}
     item["question"] = template.format(
@@ -453,7 +469,7 @@ def generate_spatial_qa(
         seed: the items are a function of (seed, split, index).
         clip_seconds: length of every mono clip.
         stage_types: the letters to generate (`STAGES[k]` for curriculum stage k); letters
-            take turns, and so do the four E types.
+            take turns, and so do the five E types.
         sample_rate: Hz.
         classes: names from `SOURCE_CLASSES` (default all), at least two.
         num_workers: processes; default one per CPU (at most 8), fewer for small jobs.

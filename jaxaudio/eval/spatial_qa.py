@@ -10,7 +10,9 @@ The answer grammar is the one of `jaxaudio.data.spatial_qa` (see its docstring).
           than 0.5 m (one BAT bin) or missing.
     E     accuracy of the yes/no types (MIXUP_DIRECTION -> "E/dir_acc", MIXUP_DISTANCE_BOTH
           -> "E/dist_acc", their mean "E/avg" as in the paper), and of the non-binary ones
-          with the same rules as B/D ("E/nb_dir_acc": octant, "E/nb_dist_acc": within 0.5 m).
+          with the same rules as B/D ("E/nb_dir_acc": octant, "E/nb_dist_acc": within 0.5 m)
+          and, for MIXUP_NONBINARY_SOURCE, "E/nb_src_acc": the parsed label set must equal
+          X's exactly (an accuracy, not F1: the question asks for one sound).
 
 Unparseable answers count as wrong; nothing here raises on bad text.
 """
@@ -60,7 +62,7 @@ def parse_answer(question_type: str, text) -> dict:
         question_type gives {}.
     """
     text = text.lower() if isinstance(text, str) else ""
-    if question_type in (sqa.CLASSIFICATION, sqa.MIXUP_SINGLE_CLASSIFICATION):
+    if question_type in sqa.LABEL_TYPES:
         labels = frozenset(filter(None, (sqa.normalize_label(p) for p in text.split(";"))))
         return {"labels": labels or None}
     if question_type in (sqa.DOA, sqa.MIXUP_SINGLE_DOA):
@@ -109,9 +111,9 @@ def score(items: Sequence[Mapping], predictions) -> dict[str, float]:
     Returns:
         fractions in [0, 1]: "A/f1", "A/precision", "A/recall" (and C), "B/dir_acc",
         "B/der" (and D), "E/dir_acc", "E/dist_acc", "E/avg", "E/nb_dir_acc",
-        "E/nb_dist_acc", only for the types present; per letter "<L>/n" items and
-        "<L>/unparsed" (share of answers that gave nothing); "skipped": items of unknown
-        type or without a usable ground truth.
+        "E/nb_dist_acc", "E/nb_src_acc", only for the types present; per letter "<L>/n"
+        items and "<L>/unparsed" (share of answers that gave nothing); "skipped": items of
+        unknown type or without a usable ground truth.
     """
     counts = defaultdict(Counter)  # letter -> tp, fp, fn, n, unparsed
     hits = defaultdict(list)  # metric -> [bool]
@@ -126,7 +128,9 @@ def score(items: Sequence[Mapping], predictions) -> dict[str, float]:
         pred = parse_answer(qtype, text)
         counts[letter]["n"] += 1
         counts[letter]["unparsed"] += all(v is None for v in pred.values())
-        if "labels" in truth:
+        if qtype == sqa.MIXUP_NONBINARY_SOURCE:
+            hits["E/nb_src_acc"].append(pred["labels"] == truth["labels"])
+        elif "labels" in truth:
             got = pred["labels"] or frozenset()
             counts[letter]["tp"] += len(got & truth["labels"])
             counts[letter]["fp"] += len(got - truth["labels"])
@@ -179,10 +183,12 @@ def chance_metrics(items: Sequence[Mapping]) -> dict[str, dict[str, float]]:
 
     Returns:
         {"uniform": ..., "majority": ...}. Uniform guessing: a random label set of the true
-        size drawn from the labels seen in A and C (expected micro-F1 taken as
-        sum(k^2 / V) / sum(k), the ratio of expectations), a random octant (1/8), a random
-        distance on the 0.5 m grid up to the largest true one, a coin flip. Majority: the
-        most frequent single label, octant, distance or yes/no of the type.
+        size drawn from the V labels seen in A and C (expected micro-F1 taken as
+        sum(k^2 / V) / sum(k), the ratio of expectations), one random label of those for
+        MIXUP_NONBINARY_SOURCE (1 / V; V from its own items if there are no A or C items),
+        a random octant (1/8), a random distance on the 0.5 m grid up to the largest true
+        one, a coin flip. Majority: the most frequent single label, octant, distance or
+        yes/no of the type.
     """
     truths = defaultdict(list)
     for item in items:
@@ -196,6 +202,11 @@ def chance_metrics(items: Sequence[Mapping]) -> dict[str, dict[str, float]]:
         vocabulary.update(*(t["labels"] for t in truths.get(qtype, ())))
     for qtype, ts in truths.items():
         letter = sqa.TYPE_LETTER[qtype]
+        if qtype == sqa.MIXUP_NONBINARY_SOURCE:
+            seen = vocabulary or set().union(*(t["labels"] for t in ts))
+            uniform["E/nb_src_acc"] = 1 / len(seen)
+            majority["E/nb_src_acc"] = _majority([t["labels"] for t in ts])
+            continue
         if "labels" in ts[0]:
             sizes = np.array([len(t["labels"]) for t in ts])
             uniform[f"{letter}/f1"] = float(np.sum(sizes**2 / len(vocabulary)) / sizes.sum())
@@ -230,7 +241,7 @@ TABLE_COLUMNS = (
     ("E-dir", ("E/dir_acc",)),
     ("E-dist", ("E/dist_acc",)),
     ("E-avg", ("E/avg",)),
-    ("E-nb dir | dist", ("E/nb_dir_acc", "E/nb_dist_acc")),
+    ("E-nb dir | dist | src", ("E/nb_dir_acc", "E/nb_dist_acc", "E/nb_src_acc")),
 )
 
 

@@ -11,6 +11,7 @@ import soundfile as sf
 from jaxaudio.data import manifest as mf
 from jaxaudio.data import spatial_qa as sqa
 from jaxaudio.data import spatialsoundqa as ssqa
+from jaxaudio.data.sources import SOURCE_CLASSES
 from jaxaudio.eval.spatial_qa import parse_answer
 
 SR = 32000
@@ -24,8 +25,8 @@ def _generate(root, stage, num_eval, num_train=2, seed=0):
 
 @pytest.fixture(scope="module")
 def stage3(tmp_path_factory):
-    """20 eval items: every letter four times, hence every E type once."""
-    return _generate(tmp_path_factory.mktemp("stage3"), 3, 20)
+    """25 eval items: every letter five times, hence every E type once."""
+    return _generate(tmp_path_factory.mktemp("stage3"), 3, 25)
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +52,11 @@ def _tree(root):
 
 
 def test_same_seed_same_files(stage3, tmp_path):
-    again = _generate(tmp_path / "again", 3, 20)
+    again = _generate(tmp_path / "again", 3, 25)
     first, second = _tree(stage3["root"]), _tree(again["root"])
     assert sorted(first) == sorted(second)
     assert all(first[k] == second[k] for k in first), "a file differs between two runs"
-    other = _generate(tmp_path / "other", 3, 20, seed=1)
+    other = _generate(tmp_path / "other", 3, 25, seed=1)
     assert [i["answer"] for i in _items(other)] != [i["answer"] for i in _items(stage3)]
 
 
@@ -116,7 +117,7 @@ def test_records_read_back_with_ground_truth(stage3):
     assert audio.dtype == np.float32 and np.all(np.isfinite(audio)) and audio.any()
 
 
-@pytest.mark.parametrize("stage,num_eval", [(1, 4), (2, 8), (3, 20)])
+@pytest.mark.parametrize("stage,num_eval", [(1, 4), (2, 8), (3, 25)])
 def test_every_type_of_the_stage_is_present(stage, num_eval, stage1, stage3, tmp_path):
     paths = {1: stage1, 3: stage3}.get(stage) or _generate(tmp_path, stage, num_eval)
     types = {item["question_type"] for item in _items(paths)}
@@ -130,7 +131,9 @@ def test_answers_parse_back_to_ground_truth(stage3):
         assert parse_answer(item["question_type"], item["answer"]) == truth, item
         if item["question_type"] in sqa.BINARY_TYPES:
             assert item["answer"] in ("Yes", "No")
-        if item["audio_id2"]:  # questions name sources by their labels
+        if item["question_type"] == sqa.MIXUP_NONBINARY_SOURCE:  # names Y, asks for X
+            assert sqa.label_text(item["labels2"][0]) in item["question"]
+        elif item["audio_id2"]:  # questions name sources by their labels
             assert sqa.label_text(item["labels"][0]) in item["question"] or item[
                 "question_type"] == sqa.MIXUP_SINGLE_CLASSIFICATION
 
@@ -154,7 +157,42 @@ def test_answer_grammar_examples():
                                 relation="left")) == "Yes"
     assert sqa.answer_text(dict(base, question_type=sqa.MIXUP_DISTANCE_BOTH,
                                 relation="closer")) == "No"  # 1.5 m and 1.5 m
+    assert sqa.answer_text(dict(base, question_type=sqa.MIXUP_NONBINARY_SOURCE,
+                                relation="left")) == "pure tone"  # X's label alone
     assert sqa.format_distance(0.74) == "0.5m" and sqa.format_distance(1.3) == "1.5m"
+
+
+def test_types_take_turns_within_e():
+    types = [sqa.question_type_for(i, sqa.STAGES[3]) for i in range(50)]
+    assert types[4::5] == list(sqa.LETTER_TYPES["E"]) * 2
+    assert sqa.LETTER_TYPES["E"][-1] == sqa.MIXUP_NONBINARY_SOURCE
+    assert sqa.TYPE_LETTER[sqa.MIXUP_NONBINARY_SOURCE] == "E"
+    assert [sqa.TYPE_LETTER[t] for t in types[:10]] == list("ABCDE") * 2
+
+
+def test_nonbinary_source_items():
+    """The relation holds for X (source 1) relative to Y from the stored positions, the
+    question names Y and the relation, and the answer is X's label."""
+    relations = set()
+    for index in range(24):
+        item = sqa.make_item(3, "eval", index, sqa.MIXUP_NONBINARY_SOURCE, SR, 0.05,
+                             list(SOURCE_CLASSES))[0]
+        first, second = (mf.parse_xyz(item[k]) for k in ("source_position",
+                                                          "source_position2"))
+        assert np.all(np.abs(first - second) >= sqa.RELATIVE_MARGIN)
+        assert item["relation"] in sqa.octant(first - second), item
+        assert item["relation"] not in sqa.octant(second - first)  # singles out X
+        relations.add(item["relation"])
+        x, y = (sqa.label_text(item[k][0]) for k in ("labels", "labels2"))
+        assert item["answer"] == x and x != y
+        assert sqa._DIRECTION_PHRASE[item["relation"]] in item["question"]
+        assert f"the {y}" in item["question"] and x not in item["question"], item["question"]
+        assert sqa.targets(item) == {"labels": frozenset({sqa.normalize_label(x)})}
+        assert parse_answer(item["question_type"], item["answer"]) == sqa.targets(item)
+    assert len(relations) >= 4, relations  # drawn from all three axes' words
+    # `targets` does not re-check the relation, nor need the positions.
+    assert sqa.targets({"question_type": sqa.MIXUP_NONBINARY_SOURCE, "labels": ["pure_tone"],
+                        "relation": "nowhere"}) == {"labels": frozenset({"pure tone"})}
 
 
 def test_templates_are_paraphrased():

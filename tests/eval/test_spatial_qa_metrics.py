@@ -1,5 +1,7 @@
 """SpatialSoundQA text metrics (jaxaudio.eval.spatial_qa) on hand-made items."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -31,17 +33,18 @@ ITEMS = [
     _item(6, sqa.MIXUP_DISTANCE_BOTH, relation="closer"),
     _item(7, sqa.MIXUP_NONBINARY_DIRECTION),
     _item(8, sqa.MIXUP_NONBINARY_DISTANCE),
+    _item(9, sqa.MIXUP_NONBINARY_SOURCE, relation="left"),  # bell is left of the siren
 ]
 WRONG = ["siren", "right, behind, below; 4m", "drum; organ", "right, front, above; 3m",
-         "No", "No", "right, front, below", "9m"]
+         "No", "No", "right, front, below", "9m", "siren"]
 ACCURACIES = ("B/dir_acc", "D/dir_acc", "E/dir_acc", "E/dist_acc", "E/avg",
-              "E/nb_dir_acc", "E/nb_dist_acc", "A/f1", "C/f1")
+              "E/nb_dir_acc", "E/nb_dist_acc", "E/nb_src_acc", "A/f1", "C/f1")
 
 
 def test_hand_made_answers():
     assert [i["answer"] for i in ITEMS] == [
         "bell", "left, front, above; 1.5m", "bell; siren", "left, front, above; 1.5m",
-        "Yes", "Yes", "left, front, above", "4.5m"]  # |(-3, 1.5, -3)| = 4.5
+        "Yes", "Yes", "left, front, above", "4.5m", "bell"]  # |(-3, 1.5, -3)| = 4.5
 
 
 def test_perfect_predictions_score_one():
@@ -49,7 +52,8 @@ def test_perfect_predictions_score_one():
     for key in ACCURACIES:
         assert m[key] == 1.0, key
     assert m["B/der"] == m["D/der"] == 0.0 and m["skipped"] == 0
-    assert m["E/n"] == 4 and m["A/n"] == 1 and m["E/unparsed"] == 0.0
+    assert m["E/n"] == 5 and m["A/n"] == 1 and m["E/unparsed"] == 0.0
+    assert not any(k.startswith("E/") and k[2:] in ("f1", "precision", "recall") for k in m)
 
 
 def test_wrong_predictions_score_zero():
@@ -88,7 +92,21 @@ def test_lenient_parsing():
     # AudioSet labels contain commas, so only ";" separates labels.
     assert ev.parse_answer(sqa.CLASSIFICATION, "Whack, thwack; Banjo") == {
         "labels": frozenset({"whack, thwack", "banjo"})}
-    assert ev.parse_answer("MIXUP_NONBINARY_SOURCE", "banjo") == {}
+    assert ev.parse_answer(sqa.MIXUP_NONBINARY_SOURCE, "The Banjo.") == {
+        "labels": frozenset({"the banjo"})}
+    assert ev.parse_answer(sqa.MIXUP_NONBINARY_SOURCE, " ; ") == {"labels": None}
+    assert ev.parse_answer("MIXUP_NO_SUCH_TYPE", "banjo") == {}
+
+
+def test_nonbinary_source_needs_exactly_x():
+    item = ITEMS[8]  # X = bell, Y = siren
+    cases = {"bell": 1.0, "Bell.": 1.0, " BELL ": 1.0, "siren": 0.0, "bell; siren": 0.0,
+             "bell, left of the siren": 0.0, "": 0.0, None: 0.0, ";": 0.0}
+    for text, acc in cases.items():
+        m = ev.score([item], [text])
+        assert m["E/nb_src_acc"] == acc, text
+        assert m["E/unparsed"] == (1.0 if text in ("", None, ";") else 0.0), text
+    assert set(ev.score([item], ["bell"])) == {"E/nb_src_acc", "E/n", "E/unparsed", "skipped"}
 
 
 def test_distance_tolerance_is_half_a_metre():
@@ -114,7 +132,7 @@ def test_predictions_by_question_id_and_length_check():
     answers = {i["question_id"]: i["answer"] for i in ITEMS[1:]}
     m = ev.score(ITEMS, answers)  # item 1 has no prediction: wrong
     assert m["A/f1"] == 0.0 and m["B/dir_acc"] == 1.0
-    with pytest.raises(ValueError, match="7 predictions for 8 items"):
+    with pytest.raises(ValueError, match="8 predictions for 9 items"):
         ev.score(ITEMS, [i["answer"] for i in ITEMS[1:]])
 
 
@@ -122,10 +140,12 @@ def test_items_without_ground_truth_fields_use_their_answer():
     official = [{"question_id": 1, "question_type": "DOA", "answer": "left, behind, above; 2m"},
                 {"question_id": 2, "question_type": "MIXUP_DIRECTION", "answer": "No"},
                 {"question_id": 3, "question_type": "DOA", "answer": "somewhere"},
-                {"question_id": 4, "question_type": "MIXUP_NONBINARY_SOURCE", "answer": "x"}]
-    m = ev.score(official, ["left, behind, above; 2.5m", "no", "left", "x"])
+                {"question_id": 4, "question_type": "MIXUP_NO_SUCH_TYPE", "answer": "x"},
+                {"question_id": 5, "question_type": "MIXUP_NONBINARY_SOURCE", "answer": "Banjo"}]
+    m = ev.score(official, ["left, behind, above; 2.5m", "no", "left", "x", "banjo."])
     assert m["B/dir_acc"] == 1.0 and m["B/der"] == 0.0 and m["E/dir_acc"] == 1.0
-    assert m["B/n"] == 1 and m["skipped"] == 2
+    assert m["E/nb_src_acc"] == 1.0
+    assert m["B/n"] == 1 and m["E/n"] == 2 and m["skipped"] == 2
 
 
 def test_chance_values():
@@ -139,6 +159,22 @@ def test_chance_values():
     assert uniform["A/f1"] == 0.5 and uniform["C/f1"] == 1.0
     assert majority["B/dir_acc"] == majority["E/dir_acc"] == 1.0  # one item each
     assert majority["A/f1"] == 1.0 and majority["C/f1"] == pytest.approx(2 / 3)
+    assert uniform["E/nb_src_acc"] == 0.5 and majority["E/nb_src_acc"] == 1.0
+
+
+def test_nonbinary_source_chance():
+    sources = [_item(k, sqa.MIXUP_NONBINARY_SOURCE, relation="left", labels=[name])
+               for k, name in enumerate(["bell", "bell", "drum", "organ"])]
+    chance = ev.chance_metrics(sources)  # no A/C items: V from the E items = 3
+    assert chance["uniform"] == {"E/nb_src_acc": pytest.approx(1 / 3)}
+    assert chance["majority"] == {"E/nb_src_acc": 0.5}  # bell, 2 of 4
+    # With A/C items their labels make V (rain; engine, siren; bell = 4), as for F1.
+    labelled = [_item(10, sqa.CLASSIFICATION, labels=["rain"]),
+                _item(11, sqa.MIXUP_SINGLE_CLASSIFICATION, labels=["engine"]),
+                _item(12, sqa.CLASSIFICATION, labels=["bell"])]
+    chance = ev.chance_metrics(sources + labelled)
+    assert chance["uniform"]["E/nb_src_acc"] == 0.25
+    assert chance["majority"]["E/nb_src_acc"] == 0.5
 
 
 def test_uniform_chance_matches_random_guessing():
@@ -166,6 +202,11 @@ def test_format_table():
     assert "100.00 | 100.00" in lines[1]  # DER of all-wrong answers
     assert lines[2].startswith("chance (uniform)") and "12.50 | 12.50" in lines[2]
     assert lines[3].startswith("chance (majority)")
+    cells = [dict(zip(re.split(r" {2,}", lines[0]), re.split(r" {2,}", line))) for line in lines]
+    assert cells[1]["E-nb dir | dist | src"] == "0.00 | 0.00 | 0.00"
+    assert cells[2]["E-nb dir | dist | src"].startswith("12.50 |")
+    assert cells[2]["E-nb dir | dist | src"].endswith("| 50.00")  # V = 2 (bell, siren)
+    assert cells[3]["E-nb dir | dist | src"] == "100.00 | 100.00 | 100.00"  # one item each
     only_a = ev.format_table(ev.score(ITEMS[:1], ["bell"]), {"A/f1": 0.1}, "BAT")
     assert only_a.splitlines()[1].startswith("BAT") and "100.00 | -" in only_a
     assert only_a.splitlines()[2].startswith("chance ") and "10.00 | -" in only_a
