@@ -163,7 +163,10 @@ def chance_spatial_metrics(cls_targets: np.ndarray, dist_targets: np.ndarray, el
 
     Uniform random bins for distance and direction (what argmax of random logits gives),
     exact expectations; for mAP the expected AP of random scores, i.e. each class's
-    positive rate, averaged over classes with a positive.
+    positive rate, averaged over classes with a positive. Distance also gets the best
+    input-blind answer, `prior_distance_accuracy` / `prior_DER`: one bin for every clip,
+    the one that scores best on these targets (a model that learned only the distance
+    prior reaches it; in small rooms it is far above uniform chance).
     """
     positives = (np.asarray(cls_targets) > 0.5).mean(axis=0)
     dist = np.asarray(dist_targets).ravel()
@@ -173,7 +176,9 @@ def chance_spatial_metrics(cls_targets: np.ndarray, dist_targets: np.ndarray, el
     grid = [great_circle_error_deg(0, b, np.arange(360)[:, None], np.arange(180)[None, :]) for b in el_bins]
     er = np.asarray([np.mean(g > threshold_deg) for g in grid])
     acc = float(within.mean())
+    prior = float(max((np.abs(bins[:, None] - dist[None, :]) <= 1).mean(axis=1)))
     return {"chance_mAP": float(positives[positives > 0].mean()) if np.any(positives > 0) else float("nan"),
             "chance_distance_accuracy": acc, "chance_DER": 1.0 - acc,
+            "prior_distance_accuracy": prior, "prior_DER": 1.0 - prior,
             "chance_mae_deg": chance_direction_mae(el_targets),
             "chance_er20": float(np.sum(er * counts) / counts.sum())}

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from jaxaudio.eval.spatial import (average_precision, chance_direction_mae, direction_metrics,
+from jaxaudio.eval.spatial import (average_precision, chance_direction_mae, chance_spatial_metrics,
+                                   direction_metrics,
                                    distance_accuracy, distance_error_rate,
                                    great_circle_error_deg, mean_average_precision,
                                    spatial_ast_metrics)
@@ -97,6 +98,27 @@ def test_chance_mae():
     sampled = great_circle_error_deg(rng.integers(0, 360, 20000), el_true,
                                      rng.integers(0, 360, 20000), rng.integers(0, 180, 20000))
     assert chance_direction_mae(el_true) == pytest.approx(sampled.mean(), abs=1.0)
+
+
+def test_chance_spatial_metrics_against_guessing():
+    """The chance row equals what guessing scores through `spatial_ast_metrics`: uniform
+    random logits (sampled, so within noise) and the best constant distance (exact)."""
+    rng = np.random.default_rng(1)
+    n = 4000
+    cls_t = (rng.random((n, 4)) < np.array([0.1, 0.2, 0.4, 0.0])).astype(np.float32)
+    dist_t = np.minimum(rng.poisson(3, n), 20)
+    az_t, el_t = rng.integers(0, 360, n), np.clip(rng.normal(90, 20, n).astype(int), 0, 179)
+    chance = chance_spatial_metrics(cls_t, dist_t, el_t)
+    guess = spatial_ast_metrics(rng.random((n, 4)), rng.random((n, 21)), rng.random((n, 360)),
+                                rng.random((n, 180)), cls_t, dist_t, az_t, el_t)
+    assert chance["chance_mAP"] == pytest.approx(guess["mAP"], abs=0.02)
+    assert chance["chance_distance_accuracy"] == pytest.approx(guess["distance_accuracy"], abs=0.02)
+    assert chance["chance_mae_deg"] == pytest.approx(guess["mae_deg"], abs=2.0)
+    assert chance["chance_er20"] == pytest.approx(guess["er20"], abs=0.02)
+    constant = [distance_accuracy(np.full(n, b), dist_t) for b in range(21)]
+    assert chance["prior_distance_accuracy"] == pytest.approx(max(constant))
+    assert chance["prior_DER"] == pytest.approx(1 - max(constant))
+    assert chance["prior_distance_accuracy"] > 2 * chance["chance_distance_accuracy"]
 
 
 def test_spatial_ast_metrics_from_logits():

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from jaxaudio.models.spatial_ast import SpatialAST, sincos_pos_embed_2d, smoothed_bins, spatial_ast_loss
+from jaxaudio.models.spatial_ast import BinauralFrontend, SpatialAST, sincos_pos_embed_2d, smoothed_bins, spatial_ast_loss
 
 MODEL = SpatialAST(n_mels=32, target_frames=64, patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_ratio=2,
                    num_classes=5, time_mask=16, freq_mask=8)
@@ -243,3 +243,24 @@ def test_stem_channels_option():
         assert v["batch_stats"]["stem_bn"]["mean"].shape == (channels,)
         out = jax.eval_shape(lambda v, w: model.apply(v, w), v, wave)
         assert out["azimuth"].shape == (1, 360)
+
+
+def test_normalize_ipd_option():
+    """`normalize_ipd=True` gives the two IPD-mel maps their own BatchNorm: in training they
+    come out with zero mean and unit variance per channel instead of the ~0.015 std the
+    Slaney filterbank leaves them; the default (the original) has no such statistics."""
+    frontend = BinauralFrontend(32000, 1024, 320, 32, 50.0, 14000.0, 64, normalize_ipd=True)
+    wave = _wave(3, samples=63 * 320)  # 64 frames: no resize, so the statistics are the output's
+    v = frontend.init(jax.random.PRNGKey(0), wave, True)
+    assert set(v["batch_stats"]) == {"bn", "ipd_bn"}
+    x, _ = frontend.apply(v, wave, True, mutable=["batch_stats"])
+    plain, _ = frontend.clone(normalize_ipd=False).apply({"batch_stats": {"bn": v["batch_stats"]["bn"]}}, wave, True,
+                                                         mutable=["batch_stats"])
+    np.testing.assert_allclose(x[..., :2], plain[..., :2], atol=1e-6)  # the log-mels are unchanged
+    assert float(jnp.std(plain[..., 2:])) < 0.1
+    # BatchNorm's eps (1e-5) is not negligible against the raw variance (~2e-4), hence not exactly 1.
+    raw_var = jnp.var(plain[..., 2:], axis=(0, 1, 2))
+    np.testing.assert_allclose(jnp.std(x[..., 2:], axis=(0, 1, 2)), jnp.sqrt(raw_var / (raw_var + 1e-5)), rtol=1e-3)
+    assert float(jnp.min(jnp.std(x[..., 2:], axis=(0, 1, 2)))) > 0.9
+    np.testing.assert_allclose(jnp.mean(x[..., 2:], axis=(0, 1, 2)), 0.0, atol=1e-4)
+    assert "ipd_bn" not in _variables()["batch_stats"]["frontend"]
