@@ -6,7 +6,7 @@ a 4-block, 128-wide ViT. The data (generated on first run under `data.root`) has
 generator's sound classes, rendered through the KEMAR HRTF in random rooms.
 
 Four settings differ from the original, because a model trained from scratch on 1500
-clips in 1200 steps does not learn direction with the original's (eval MAE 83-93 deg,
+clips in 800-1200 steps does not learn direction with the original's (eval MAE 83-93 deg,
 chance 90; measured one change at a time, see WORKSPACE.md):
 - `stem_channels=4`: the original's 3x3 stem mixes the two log-mels and the two IPD maps
   into ONE channel, which the class loss fills with spectral content;
@@ -31,7 +31,7 @@ def get_config() -> ConfigDict:
         head_init_std=0.02, stem_channels=4, normalize_ipd=True))
     c.data.update(dict(generate=True, root="data_cache/spatial_ast_tiny", num_train=1500, num_eval=300,
                        clip_seconds=1.0))
-    c.train.update(dict(steps=1200, batch_size=32, eval_batch_size=50, log_every=20, eval_every=400,
+    c.train.update(dict(steps=800, batch_size=32, eval_batch_size=50, log_every=20, eval_every=400,
                         checkpoint_every=200, data_threads=2, data_prefetch=2,
                         loss_weights=(1250.0 * 16 / 355, 1.0, 2.0, 2.0), direction_sigma=10.0))
     c.optim.update(dict(lr=1e-3, warmup_steps=100, total_steps=c.train.steps, weight_decay=0.05, layer_decay=1.0))

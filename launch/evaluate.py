@@ -18,12 +18,17 @@ flags.mark_flags_as_required(["config"])
 
 
 def format_table(metrics: dict[str, float]) -> str:
-    """Metrics and their `chance_` counterparts side by side."""
-    names = [k for k in metrics if not k.startswith("chance_")]
-    rows = [f"{'metric':<20}{'model':>12}{'chance':>12}"]
+    """Metrics beside their baselines: `chance_<name>` (guessing) and, where a task gives
+    one, `prior_<name>` (the best input-blind answer)."""
+    baselines = ("chance", "prior")
+    shown = [b for b in baselines if any(k.startswith(f"{b}_") for k in metrics)]
+    names = [k for k in metrics if not k.startswith(tuple(f"{b}_" for b in baselines))]
+    width = max([20, *(len(k) + 2 for k in names)])
+    rows = [f"{'metric':<{width}}{'model':>12}" + "".join(f"{b:>12}" for b in shown)]
     for k in names:
-        chance = metrics.get(f"chance_{k}")
-        rows.append(f"{k:<20}{metrics[k]:>12.4f}" + (f"{chance:>12.4f}" if chance is not None else f"{'':>12}"))
+        cells = [metrics.get(f"{b}_{k}") for b in shown]
+        rows.append(f"{k:<{width}}{metrics[k]:>12.4f}"
+                    + "".join(f"{c:>12.4f}" if c is not None else f"{'':>12}" for c in cells))
     return "\n".join(rows)
 
 

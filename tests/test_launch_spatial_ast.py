@@ -50,6 +50,8 @@ def test_evaluate_prints_metrics_and_chance(run):
     proc = _run("launch.evaluate", *TINY, f"--workdir={workdir}", f"--config.data.root={data}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "mae_deg" in proc.stdout and "chance" in proc.stdout
+    header = next(line.split() for line in proc.stdout.splitlines() if line.startswith("metric"))
+    assert header == ["metric", "model", "chance", "prior"]  # prior: the best input-blind distance
     evals = _records(workdir, "eval")
     mae = float(next(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("mae_deg")))
     assert abs(mae - evals[-1]["mae_deg"]) < 1e-3  # the restored checkpoint is the trained one
