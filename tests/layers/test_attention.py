@@ -262,3 +262,54 @@ def test_attention_dropout_matches_expectation_and_only_in_training():
     np.testing.assert_allclose(m.apply(params, x), m.apply(params, x, deterministic=True))
     train = m.apply(params, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(3)})
     assert not np.allclose(train, m.apply(params, x), atol=1e-4)
+
+
+# --- chunked attention (the CPU path for long sequences) against torch SDPA ----------------
+def _sdpa(q, k, v, mask=None, bias=None, is_causal=False):
+    """torch SDPA on `[batch, len, heads, dim]` arrays (kv heads repeated for groups)."""
+    groups = q.shape[2] // k.shape[2]
+    qt, kt, vt = (_t(x).transpose(1, 2) for x in (q, k, v))
+    kt, vt = kt.repeat_interleave(groups, 1), vt.repeat_interleave(groups, 1)
+    attn = None
+    if bias is not None:
+        attn = _t(bias)
+    if mask is not None:
+        m = torch.from_numpy(np.asarray(mask))
+        attn = m if attn is None else attn.masked_fill(~m, float("-inf"))
+    return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=attn, is_causal=is_causal).transpose(1, 2).numpy()
+
+
+@pytest.mark.parametrize("case", ["plain", "padding_mask", "full_mask", "bias", "causal", "grouped", "cross"])
+def test_chunked_attention_matches_sdpa(case):
+    """Query blocks of 16 over 50 queries (the last block padded) give SDPA's result."""
+    from jaxaudio.layers.attention import chunked_attention
+    q_len, kv_len = 50, 50 if case != "cross" else 37
+    q = _x(1, (2, q_len, 4, 8))
+    k, v = _x(2, (2, kv_len, 2 if case == "grouped" else 4, 8)), _x(3, (2, kv_len, 2 if case == "grouped" else 4, 8))
+    kw = {}
+    if case == "padding_mask":
+        kw["mask"] = np.arange(kv_len)[None, None, None, :] < np.array([50, 31])[:, None, None, None]
+    if case == "full_mask":  # per-query rows, as a [batch, heads, q, kv] mask
+        kw["mask"] = np.random.default_rng(4).random((2, 4, q_len, kv_len)) < 0.7
+    if case == "bias":
+        kw["bias"] = _x(5, (1, 4, q_len, kv_len))
+    if case == "causal":
+        kw["is_causal"] = True
+    got = jax.jit(lambda q, k, v: chunked_attention(q, k, v, chunk=16, **kw))(q, k, v)
+    want = _sdpa(q, k, v, **kw)
+    assert got.shape == q.shape
+    np.testing.assert_allclose(np.asarray(got), want, atol=ATOL, err_msg=f"tolerance {ATOL}")
+
+
+def test_long_sequences_on_cpu_take_the_chunked_path():
+    """`dot_product_attention` with no implementation named chunks long queries on CPU (a
+    `lax.map` loop in the program) and gives XLA's result; short ones stay unchunked."""
+    from jaxaudio.layers.attention import CPU_CHUNK_MIN_LEN, dot_product_attention
+    long_q = _x(6, (1, CPU_CHUNK_MIN_LEN, 2, 8))
+    kv = _x(7, (1, CPU_CHUNK_MIN_LEN, 2, 8))
+    if jax.default_backend() == "cpu":
+        assert "scan" in str(jax.make_jaxpr(dot_product_attention)(long_q, kv, kv))
+    assert "scan" not in str(jax.make_jaxpr(dot_product_attention)(long_q[:, :64], kv, kv))
+    got = jax.jit(dot_product_attention)(long_q, kv, kv)
+    want = jax.nn.dot_product_attention(long_q, kv, kv, implementation="xla")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=ATOL)
