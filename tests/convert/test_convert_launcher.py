@@ -27,9 +27,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 DEPTH = 2
 
 
+# The original's architecture (its 1-channel stem, no IPD statistics), at the tiny sizes.
+ORIGINAL = dict(depth=DEPTH, stem_channels=1, normalize_ipd=False)
+
+
 def _model_config():
     c = spatial_ast_tiny.get_config().model
-    c.depth = DEPTH
+    c.update(ORIGINAL)
     return c
 
 
@@ -41,7 +45,7 @@ def _model_and_checkpoint():
 
 def _launch(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "launch.convert", "--config=configs/spatial_ast_tiny.py",
-           f"--config.model.depth={DEPTH}", *args]
+           *(f"--config.model.{k}={v}" for k, v in ORIGINAL.items()), *args]
     full_env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
     full_env.pop("XLA_FLAGS", None)  # one CPU device is enough here
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=300)

@@ -43,7 +43,9 @@ from jaxaudio.models.spatial_ast import SpatialAST
 from jaxaudio.train.optim import trainable_mask
 
 TOL = 1e-4
-ENC = {k: v for k, v in spatial_ast_tiny.get_config().model.to_dict().items() if k not in ("dtype", "param_dtype")}
+# The original encoder's architecture (1-channel stem, no IPD statistics) at the tiny sizes.
+ENC = {**{k: v for k, v in spatial_ast_tiny.get_config().model.to_dict().items() if k not in ("dtype", "param_dtype")},
+       "stem_channels": 1, "normalize_ipd": False}
 ENC["depth"] = 1
 PROJ = dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, num_queries=4)
 Q, WIDTH, VOCAB = 4, 48, 64
