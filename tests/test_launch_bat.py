@@ -1,10 +1,7 @@
 """End to end: BAT's curriculum through the launchers on a micro config (generated data of
 a handful of items, a random frozen encoder), evaluation's table, inference and its bad inputs."""
-import functools
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +10,8 @@ from configs import bat_tiny
 from jaxaudio.convert.engine import flatten
 from jaxaudio.convert.io import save_converted
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from launch_util import override, run_module
+
 MICRO = {
     "model.encoder.n_mels": 32, "model.encoder.target_frames": 32, "model.encoder.embed_dim": 32,
     "model.encoder.depth": 1, "model.encoder.num_heads": 2,
@@ -35,17 +33,11 @@ def _args(stage: int, data: str, **extra) -> list[str]:
 
 
 def _config(stage: int, data: str, **extra):
-    c = bat_tiny.get_config(str(stage))
-    for key, value in {**MICRO, "data.root": data, **extra}.items():
-        *parents, name = key.split(".")
-        functools.reduce(getattr, parents, c)[name] = value
-    return c
+    return override(bat_tiny.get_config(str(stage)), {**MICRO, "data.root": data, **extra})
 
 
 def _run(module, *args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return run_module(module, *args)
 
 
 @pytest.fixture(scope="module")

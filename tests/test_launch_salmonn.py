@@ -7,8 +7,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,7 +17,8 @@ from jaxaudio.convert.engine import flatten, unflatten
 from jaxaudio.data import salmonn_data as sd
 from jaxaudio.data import salmonn_corpus as sc
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from launch_util import override, run_module
+
 SR = sd.SAMPLE_RATE
 MICRO = {
     "model.whisper.d_model": 32, "model.whisper.encoder_layers": 1, "model.whisper.encoder_attention_heads": 2,
@@ -52,17 +51,11 @@ def _args(stage: int, data: str, **extra) -> list[str]:
 
 
 def _config(stage: int, data: str, **extra):
-    c = salmonn_tiny.get_config(str(stage))
-    for key, value in _overrides(data, extra).items():
-        *parents, name = key.split(".")
-        functools.reduce(getattr, parents, c)[name] = value
-    return c
+    return override(salmonn_tiny.get_config(str(stage)), _overrides(data, extra))
 
 
 def _run(module, *args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return run_module(module, *args)
 
 
 def _ok(proc) -> str:

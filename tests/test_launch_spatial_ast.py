@@ -1,12 +1,11 @@
 """End to end: the launchers on the tiny config with generated binaural scenes."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from launch_util import run_module
+
 TINY = ["--config=configs/spatial_ast_tiny.py", "--config.model.embed_dim=64", "--config.model.depth=2",
         "--config.model.num_heads=2", "--config.data.num_train=96", "--config.data.num_eval=24",
         "--config.data.clip_seconds=0.5", "--config.train.batch_size=16", "--config.train.eval_batch_size=12",
@@ -15,16 +14,14 @@ TINY = ["--config=configs/spatial_ast_tiny.py", "--config.model.embed_dim=64", "
 
 
 def _run(module, *args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=900)
+    return run_module(module, *args, timeout=900)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     workdir, data = str(tmp / "work"), str(tmp / "data")
-    steps = ["--config.train.steps=60", "--config.train.eval_every=60", f"--config.optim.total_steps=60"]
+    steps = ["--config.train.steps=60", "--config.train.eval_every=60", "--config.optim.total_steps=60"]
     proc = _run("launch.train", *TINY, *steps, f"--workdir={workdir}", f"--config.data.root={data}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return workdir, data, proc
