@@ -10,9 +10,12 @@ config with random weights (seeded), saved with `save_pretrained`, and converted
 `jaxaudio.convert.hf.convert_hf` — the path a user's checkpoint takes. The JAX forward is
 `jax.jit(module.apply)`; the PyTorch forward runs under `torch.inference_mode()` in a
 fresh spawned process (so XLA's and torch's thread pools do not fight), on the same input
-saved to disk. Each framework runs `warmup` untimed then `steps` timed calls; ms is the
-median. Reported: both times, the ratio (PyTorch ms / JAX ms: > 1 means JAX is faster),
-tokens/s, and on a GPU XLA's FLOP count and model FLOPs utilisation.
+saved to disk. Each framework runs `warmup` untimed calls, then the two take turns for
+`steps` timed rounds (who goes first alternates; the idle one waits on a pipe): a shared
+CPU's speed drifts by 10-30% over minutes, which timing one framework after the other
+would read as a difference between them. ms is the median. Reported: both times, the
+ratio (PyTorch ms / JAX ms: > 1 means JAX is faster), tokens/s, and on a GPU XLA's FLOP
+count and model FLOPs utilisation.
 """
 import dataclasses
 import os
@@ -129,21 +132,6 @@ BACKBONES: dict[str, Backbone] = {
 }
 
 
-def _timed(fn, warmup: int, steps: int) -> tuple[list[float], float]:
-    first = None
-    for i in range(warmup):
-        t0 = time.perf_counter()
-        fn()
-        if i == 0:
-            first = time.perf_counter() - t0
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times, first
-
-
 def _transformers():
     from launch.torch_compat import ensure_torchvision_importable
     ensure_torchvision_importable()
@@ -161,19 +149,19 @@ def save_reference(name: str, directory: str, seed: int = 0) -> None:
     model.save_pretrained(directory)
 
 
-def bench_jax(name: str, directory: str, inputs: dict[str, np.ndarray], warmup: int, steps: int,
-              dtype: str) -> dict[str, Any]:
+def jax_forward(name: str, directory: str, inputs: dict[str, np.ndarray], dtype: str):
+    """The converted backbone's jitted forward; see `compile_forward`."""
     from jaxaudio.convert.hf import convert_hf, hf_module
     spec = BACKBONES[name]
     variables, config = convert_hf(directory, dtype="float32")
     kwargs = dict(config["kwargs"], dtype=dtype)
     module, _ = hf_module(config["model"]).build(kwargs)
-    return time_jax_forward(lambda v, x: spec.jax_forward(module, v, x), variables, inputs, warmup, steps)
+    return compile_forward(lambda v, x: spec.jax_forward(module, v, x), variables, inputs)
 
 
-def time_jax_forward(fn, variables, inputs, warmup: int, steps: int) -> dict[str, Any]:
-    """Compile `fn(variables, inputs)` ahead, then time it: times, compile seconds, XLA's
-    FLOP count, parameter count and the (float32) output."""
+def compile_forward(fn, variables, inputs) -> tuple[Callable[[], None], dict[str, Any], Callable[[], np.ndarray]]:
+    """Compile `fn(variables, inputs)` ahead: a call that runs it once (waited for), facts
+    (compile seconds, XLA's FLOP count, parameter count) and the last (float32) output."""
     import jax
     import jax.numpy as jnp
 
@@ -181,21 +169,18 @@ def time_jax_forward(fn, variables, inputs, warmup: int, steps: int) -> dict[str
     variables, x = jax.device_put(variables), jax.device_put(inputs)
     t0 = time.perf_counter()
     compiled = jax.jit(fn).lower(variables, x).compile()
-    compile_s = time.perf_counter() - t0
+    facts = dict(compile_s=time.perf_counter() - t0, flops=compiled_flops(compiled),
+                 params=int(sum(a.size for a in jax.tree.leaves(variables["params"]))))
     out = {}
 
     def call():
         out["y"] = compiled(variables, x)
         jax.block_until_ready(out["y"])
-    times, _ = _timed(call, warmup, steps)
-    return dict(times=times, compile_s=compile_s, flops=compiled_flops(compiled),
-                params=int(sum(a.size for a in jax.tree.leaves(variables["params"]))),
-                output=np.asarray(jnp.asarray(out["y"], jnp.float32)))
+    return call, facts, lambda: np.asarray(jnp.asarray(out["y"], jnp.float32))
 
 
-def bench_torch(name: str, directory: str, input_file: str, warmup: int, steps: int, dtype: str,
-                threads: int) -> dict[str, Any]:
-    """Runs in a spawned process: load the saved model and input, time its forward."""
+def torch_forward(name: str, directory: str, input_file: str, dtype: str, threads: int):
+    """In the torch worker: load the saved model and input; a call and its last output."""
     import torch
     transformers = _transformers()
     torch.set_num_threads(threads or os.cpu_count())
@@ -204,16 +189,94 @@ def bench_torch(name: str, directory: str, input_file: str, warmup: int, steps: 
     model = getattr(transformers, spec.hf_class).from_pretrained(directory).eval().to(device)
     data = np.load(input_file)
     x = {k: torch.from_numpy(data[k]).to(device) for k in data.files}
+    return torch_call(lambda: spec.torch_forward(model, x), device, dtype)
+
+
+def torch_call(forward: Callable[[], Any], device: str, dtype: str):
+    """`forward()` under inference mode (and bf16 autocast), synchronised: (call, result)."""
+    import torch
     out = {}
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
     def call():
         with torch.inference_mode(), autocast:
-            out["y"] = spec.torch_forward(model, x)
+            out["y"] = forward()
         if device == "cuda":
             torch.cuda.synchronize()
-    times, _ = _timed(call, warmup, steps)
-    return dict(times=times, output=out["y"].float().cpu().numpy(), device=device)
+    return call, lambda: dict(output=out["y"].float().cpu().numpy(), device=device)
+
+
+def _torch_worker(conn, build, args) -> None:
+    """Spawned: `build(*args)` -> (call, result); answers "run" with the seconds of one call
+    and "finish" with `result()`; an exception goes back as ("error", traceback)."""
+    import traceback
+    try:
+        call, result = build(*args)
+        conn.send("ready")
+        while conn.recv() == "run":
+            t0 = time.perf_counter()
+            call()
+            conn.send(time.perf_counter() - t0)
+        conn.send(result())
+    except BaseException:  # noqa: BLE001 - the parent re-raises it with the worker's traceback
+        conn.send(("error", traceback.format_exc()))
+
+
+class TorchWorker:
+    """A spawned process holding a torch forward (`build(*args)` -> (call, result)), timed
+    one call at a time so that it can take turns with JAX."""
+
+    def __init__(self, build, *args):
+        import multiprocessing
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_torch_worker, args=(child, build, args), daemon=True)
+        self._proc.start()
+        self._receive()  # "ready"
+
+    def _receive(self):
+        if not self._conn.poll(3600):
+            raise TimeoutError("the torch benchmark worker did not answer within an hour")
+        msg = self._conn.recv()
+        if isinstance(msg, tuple) and msg[:1] == ("error",):
+            raise RuntimeError(f"the torch benchmark worker failed:\n{msg[1]}")
+        return msg
+
+    def time_call(self) -> float:
+        self._conn.send("run")
+        return self._receive()
+
+    def finish(self) -> dict[str, Any]:
+        self._conn.send("finish")
+        result = self._receive()
+        self._proc.join(60)
+        return result
+
+    def close(self) -> None:
+        if self._proc.is_alive():
+            self._proc.kill()
+
+
+def take_turns(jax_call: Callable[[], None], worker: TorchWorker | None, warmup: int, steps: int
+               ) -> tuple[list[float], list[float]]:
+    """`warmup` untimed calls of each, then `steps` rounds in which both run once (JAX first
+    in even rounds, torch first in odd ones): per-call seconds of JAX and of torch."""
+    def time_jax():
+        t0 = time.perf_counter()
+        jax_call()
+        return time.perf_counter() - t0
+    for _ in range(warmup):
+        time_jax()
+        if worker:
+            worker.time_call()
+    jax_times, torch_times = [], []
+    for i in range(steps):
+        if worker and i % 2:
+            torch_times.append(worker.time_call())
+        jax_times.append(time_jax())
+        if worker and not i % 2:
+            torch_times.append(worker.time_call())
+    return jax_times, torch_times
 
 
 def _in_subprocess(fn, *args):
@@ -221,6 +284,34 @@ def _in_subprocess(fn, *args):
     import multiprocessing
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(fn, *args).result()
+
+
+def measure(name: str, batch: int, dtype: str, tokens: int, jax_parts, torch_build, torch_args: tuple,
+            warmup: int, steps: int, peak: tuple[float, str] | None) -> dict[str, Any]:
+    """Time a compiled JAX forward (`jax_parts` from `compile_forward`) and, unless
+    `torch_build` is None, the torch forward a `TorchWorker` builds, taking turns; a row."""
+    call, facts, jax_output = jax_parts
+    worker = TorchWorker(torch_build, *torch_args) if torch_build else None
+    try:
+        jax_times, torch_times = take_turns(call, worker, warmup, steps)
+        tres = worker.finish() if worker else None
+    finally:
+        if worker:
+            worker.close()
+    row = dict(model=name, batch=batch, dtype=dtype, params=facts["params"], compile_s=facts["compile_s"],
+               jax_ms=1e3 * statistics.median(jax_times), tokens=tokens)
+    row["jax_tokens_per_s"] = tokens / (row["jax_ms"] / 1e3)
+    if facts["flops"]:
+        row["jax_tflops_per_s"] = facts["flops"] / (row["jax_ms"] / 1e3) / 1e12
+        if peak:
+            row["mfu"], row["peak"] = row["jax_tflops_per_s"] * 1e12 / peak[0], peak[1]
+    if tres:
+        row["torch_ms"] = 1e3 * statistics.median(torch_times)
+        row["torch_device"] = tres["device"]
+        row["ratio"] = row["torch_ms"] / row["jax_ms"]
+        # Same weights, same input: a wrong conversion would show here too.
+        row["max_abs_diff"] = float(np.max(np.abs(jax_output() - tres["output"])))
+    return row
 
 
 def run(name: str, *, batch: int | None, steps: int, warmup: int, dtype: str, accelerator: bool,
@@ -231,24 +322,11 @@ def run(name: str, *, batch: int | None, steps: int, warmup: int, dtype: str, ac
     inputs = spec.inputs(batch, np.random.default_rng(0))
     with tempfile.TemporaryDirectory() as tmp:
         _in_subprocess(save_reference, name, tmp)
-        jres = bench_jax(name, tmp, inputs, warmup, steps, dtype)
-        row = dict(model=name, batch=batch, dtype=dtype, params=jres["params"], compile_s=jres["compile_s"],
-                   jax_ms=1e3 * statistics.median(jres["times"]), tokens=spec.tokens(inputs))
-        row["jax_tokens_per_s"] = row["tokens"] / (row["jax_ms"] / 1e3)
-        if jres["flops"]:
-            row["jax_tflops_per_s"] = jres["flops"] / (row["jax_ms"] / 1e3) / 1e12
-            if peak:
-                row["mfu"], row["peak"] = row["jax_tflops_per_s"] * 1e12 / peak[0], peak[1]
-        if torch:
-            input_file = os.path.join(tmp, "inputs.npz")
-            np.savez(input_file, **inputs)
-            tres = _in_subprocess(bench_torch, name, tmp, input_file, warmup, steps, dtype, torch_threads)
-            row["torch_ms"] = 1e3 * statistics.median(tres["times"])
-            row["torch_device"] = tres["device"]
-            row["ratio"] = row["torch_ms"] / row["jax_ms"]
-            # Same weights, same input: a wrong conversion would show here too.
-            row["max_abs_diff"] = float(np.max(np.abs(jres["output"] - tres["output"])))
-    return row
+        input_file = os.path.join(tmp, "inputs.npz")
+        np.savez(input_file, **inputs)
+        return measure(name, batch, dtype, spec.tokens(inputs), jax_forward(name, tmp, inputs, dtype),
+                       torch_forward if torch else None, (name, tmp, input_file, dtype, torch_threads),
+                       warmup, steps, peak)
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:

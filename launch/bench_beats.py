@@ -19,19 +19,18 @@ by the original code) into it and measures its distance to the original's featur
 
 Timing and processes follow `launch/bench_backbones.py`: the torch reference is built and
 saved (safetensors + the `BEATsConfig` fields as json) in a spawned process, JAX converts
-and times it in this process (no torch here), and torch times it in another spawned process.
+it in this process (no torch here), and the two take turns, torch in another spawned process.
 """
 import dataclasses
 import json
 import math
 import os
-import statistics
 import tempfile
 from typing import Any
 
 import numpy as np
 
-from launch.bench_backbones import _in_subprocess, _timed, time_jax_forward
+from launch.bench_backbones import _in_subprocess, compile_forward, measure, torch_call
 
 FBANK_MEAN, FBANK_STD = 15.41663, 6.55582  # the BEATs recipe's fbank statistics
 SAMPLE_RATE, NUM_MEL_BINS, FRAME_LENGTH, FRAME_SHIFT, N_FFT = 16000, 128, 400, 160, 512
@@ -292,7 +291,8 @@ def golden_max_error(path: str) -> float:
     return float(np.max(np.abs(got.double().numpy() - g["features"].astype(np.float64))))
 
 
-def bench_jax(directory: str, wave: np.ndarray, warmup: int, steps: int, dtype: str) -> dict[str, Any]:
+def jax_forward(directory: str, wave: np.ndarray, dtype: str):
+    """The converted BEATs' jitted forward (`compile_forward`)."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
@@ -307,26 +307,17 @@ def bench_jax(directory: str, wave: np.ndarray, warmup: int, steps: int, dtype: 
     source = os.path.join(directory, "beats.safetensors")
     variables = convert(load_state_dict(source), key_map(module), expected, source_name=source)
     module, _ = build(dict(kwargs, dtype=jnp.dtype(dtype)))
-    return time_jax_forward(lambda v, w: module.apply(v, w)[0], variables, wave, warmup, steps)
+    return compile_forward(lambda v, w: module.apply(v, w)[0], variables, wave)
 
 
-def bench_torch(directory: str, input_file: str, warmup: int, steps: int, dtype: str, threads: int) -> dict[str, Any]:
-    """Runs in a spawned process: load the saved reference and input, time its forward."""
+def torch_forward(directory: str, input_file: str, dtype: str, threads: int):
+    """In the torch worker: load the saved reference and input; a call and its last output."""
     import torch
     torch.set_num_threads(threads or os.cpu_count())
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_reference(directory).to(device)
     wave = torch.from_numpy(np.load(input_file)).to(device)
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
-    out = {}
-
-    def call():
-        with torch.inference_mode(), autocast:
-            out["y"] = model(wave)
-        if device == "cuda":
-            torch.cuda.synchronize()
-    times, _ = _timed(call, warmup, steps)
-    return dict(times=times, output=out["y"].float().cpu().numpy(), device=device)
+    return torch_call(lambda: model(wave), device, dtype)
 
 
 def run(name: str, *, batch: int | None, steps: int, warmup: int, dtype: str, accelerator: bool,
@@ -338,20 +329,8 @@ def run(name: str, *, batch: int | None, steps: int, warmup: int, dtype: str, ac
     wave = tilted_noise(batch, samples)
     with tempfile.TemporaryDirectory() as tmp:
         _in_subprocess(save_reference, name, tmp)
-        jres = bench_jax(tmp, wave, warmup, steps, dtype)
-        row = dict(model=name, batch=batch, dtype=dtype, params=jres["params"], compile_s=jres["compile_s"],
-                   jax_ms=1e3 * statistics.median(jres["times"]), tokens=batch * num_tokens(size.cfg, samples))
-        row["jax_tokens_per_s"] = row["tokens"] / (row["jax_ms"] / 1e3)
-        if jres["flops"]:
-            row["jax_tflops_per_s"] = jres["flops"] / (row["jax_ms"] / 1e3) / 1e12
-            if peak:
-                row["mfu"], row["peak"] = row["jax_tflops_per_s"] * 1e12 / peak[0], peak[1]
-        if torch:
-            input_file = os.path.join(tmp, "wave.npy")
-            np.save(input_file, wave)
-            tres = _in_subprocess(bench_torch, tmp, input_file, warmup, steps, dtype, torch_threads)
-            row["torch_ms"] = 1e3 * statistics.median(tres["times"])
-            row["torch_device"] = tres["device"]
-            row["ratio"] = row["torch_ms"] / row["jax_ms"]
-            row["max_abs_diff"] = float(np.max(np.abs(jres["output"] - tres["output"])))
-    return row
+        input_file = os.path.join(tmp, "wave.npy")
+        np.save(input_file, wave)
+        return measure(name, batch, dtype, batch * num_tokens(size.cfg, samples), jax_forward(tmp, wave, dtype),
+                       torch_forward if torch else None, (tmp, input_file, dtype, torch_threads),
+                       warmup, steps, peak)

@@ -72,3 +72,29 @@ def test_bench_beats_against_own_torch_reference(tmp_path):
     assert math.isclose(row["ratio"], row["torch_ms"] / row["jax_ms"], rel_tol=1e-9)
     assert row["max_abs_diff"] < 1e-4, f"JAX vs torch features: max abs diff {row['max_abs_diff']:.2e} >= 1e-4"
     assert "beats_tiny" in proc.stdout and "ratio" in proc.stdout
+
+
+def test_take_turns_alternates_who_goes_first():
+    """After the warm-up, JAX goes first in even rounds and torch in odd ones, so a drift in
+    the machine's speed falls on both alike."""
+    from launch.bench_backbones import take_turns
+    events = []
+
+    class Worker:
+        def time_call(self):
+            events.append("torch")
+            return 0.5
+
+    jax_times, torch_times = take_turns(lambda: events.append("jax"), Worker(), warmup=1, steps=4)
+    assert events == ["jax", "torch", "jax", "torch", "torch", "jax", "jax", "torch", "torch", "jax"]
+    assert torch_times == [0.5] * 4 and len(jax_times) == 4 and all(t >= 0 for t in jax_times)
+    assert take_turns(lambda: None, None, warmup=1, steps=3)[1] == []
+
+
+def test_torch_worker_reports_its_failure():
+    """A worker whose build fails raises here with the worker's own traceback."""
+    import pytest
+
+    from launch.bench_backbones import TorchWorker, torch_forward
+    with pytest.raises(RuntimeError, match="no_such_backbone"):
+        TorchWorker(torch_forward, "no_such_backbone", "/nonexistent", "/nonexistent.npz", "float32", 1)

@@ -264,7 +264,7 @@ def test_attention_dropout_matches_expectation_and_only_in_training():
     assert not np.allclose(train, m.apply(params, x), atol=1e-4)
 
 
-# --- chunked attention (the CPU path for long sequences) against torch SDPA ----------------
+# --- blocked attention (the CPU path) against torch SDPA -------------------------------------
 def _sdpa(q, k, v, mask=None, bias=None, is_causal=False):
     """torch SDPA on `[batch, len, heads, dim]` arrays (kv heads repeated for groups)."""
     groups = q.shape[2] // k.shape[2]
@@ -280,9 +280,10 @@ def _sdpa(q, k, v, mask=None, bias=None, is_causal=False):
 
 
 @pytest.mark.parametrize("case", ["plain", "padding_mask", "full_mask", "bias", "causal", "grouped", "cross"])
-def test_chunked_attention_matches_sdpa(case):
-    """Query blocks of 16 over 50 queries (the last block padded) give SDPA's result."""
-    from jaxaudio.layers.attention import chunked_attention
+@pytest.mark.parametrize("chunk", [16, None])
+def test_blocked_attention_matches_sdpa(case, chunk):
+    """Query blocks of 16 over 50 queries (the last block padded), or one block, give SDPA's result."""
+    from jaxaudio.layers.attention import blocked_attention
     q_len, kv_len = 50, 50 if case != "cross" else 37
     q = _x(1, (2, q_len, 4, 8))
     k, v = _x(2, (2, kv_len, 2 if case == "grouped" else 4, 8)), _x(3, (2, kv_len, 2 if case == "grouped" else 4, 8))
@@ -295,21 +296,59 @@ def test_chunked_attention_matches_sdpa(case):
         kw["bias"] = _x(5, (1, 4, q_len, kv_len))
     if case == "causal":
         kw["is_causal"] = True
-    got = jax.jit(lambda q, k, v: chunked_attention(q, k, v, chunk=16, **kw))(q, k, v)
+    got = jax.jit(lambda q, k, v: blocked_attention(q, k, v, chunk=chunk, **kw))(q, k, v)
     want = _sdpa(q, k, v, **kw)
     assert got.shape == q.shape
     np.testing.assert_allclose(np.asarray(got), want, atol=ATOL, err_msg=f"tolerance {ATOL}")
 
 
-def test_long_sequences_on_cpu_take_the_chunked_path():
-    """`dot_product_attention` with no implementation named chunks long queries on CPU (a
-    `lax.map` loop in the program) and gives XLA's result; short ones stay unchunked."""
-    from jaxaudio.layers.attention import CPU_CHUNK_MIN_LEN, dot_product_attention
-    long_q = _x(6, (1, CPU_CHUNK_MIN_LEN, 2, 8))
-    kv = _x(7, (1, CPU_CHUNK_MIN_LEN, 2, 8))
-    if jax.default_backend() == "cpu":
-        assert "scan" in str(jax.make_jaxpr(dot_product_attention)(long_q, kv, kv))
-    assert "scan" not in str(jax.make_jaxpr(dot_product_attention)(long_q[:, :64], kv, kv))
-    got = jax.jit(dot_product_attention)(long_q, kv, kv)
+@pytest.mark.parametrize("chunk", [16, None])
+def test_blocked_attention_gradients_match_sdpa(chunk):
+    """Gradients through the blocked path (max held constant, rows normalised after `p v`)
+    are SDPA's, for q, k, v and an additive bias, with a padding mask and causal rows."""
+    from jaxaudio.layers.attention import blocked_attention
+    q, k, v = _x(11, (2, 40, 4, 8)), _x(12, (2, 40, 2, 8)), _x(13, (2, 40, 2, 8))
+    bias = _x(14, (1, 4, 40, 40))
+    mask = np.arange(40)[None, None, None, :] < np.array([40, 29])[:, None, None, None]
+    w = _x(15, (2, 40, 4, 8))
+
+    def loss(q, k, v, bias):
+        return jnp.sum(w * blocked_attention(q, k, v, mask=mask, bias=bias, is_causal=True, chunk=chunk))
+    got = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, bias)
+    tq, tk, tv, tb = (_t(a).requires_grad_() for a in (q, k, v, bias))
+    attn = tb.masked_fill(~torch.from_numpy(mask), float("-inf")) + torch.full((40, 40), float("-inf")).triu(1)
+    out = F.scaled_dot_product_attention(tq.transpose(1, 2), tk.transpose(1, 2).repeat_interleave(2, 1),
+                                         tv.transpose(1, 2).repeat_interleave(2, 1), attn_mask=attn)
+    (out.transpose(1, 2) * _t(w)).sum().backward()
+    for name, g, t in zip("qkvb", got, (tq, tk, tv, tb)):
+        np.testing.assert_allclose(np.asarray(g), t.grad.numpy(), atol=1e-4, err_msg=f"d loss / d {name}")
+
+
+def test_cpu_takes_the_blocked_path_and_chunks_long_queries(monkeypatch):
+    """`dot_product_attention` with no implementation named runs `blocked_attention` on CPU,
+    never `jax.nn`'s; it chunks long queries (a `lax.map` loop in the program) and gives
+    XLA's result; short ones stay in one block."""
+    from jaxaudio.layers import attention
+    long_q = _x(6, (1, attention.CPU_CHUNK_MIN_LEN, 2, 8))
+    kv = _x(7, (1, attention.CPU_CHUNK_MIN_LEN, 2, 8))
     want = jax.nn.dot_product_attention(long_q, kv, kv, implementation="xla")
+    if jax.default_backend() == "cpu":
+        def refuse(*args, **kwargs):
+            raise AssertionError("jax.nn.dot_product_attention called on CPU")
+        monkeypatch.setattr(attention.jax.nn, "dot_product_attention", refuse)
+        assert "scan" in str(jax.make_jaxpr(attention.dot_product_attention)(long_q, kv, kv))
+    assert "scan" not in str(jax.make_jaxpr(attention.dot_product_attention)(long_q[:, :64], kv, kv))
+    got = jax.jit(attention.dot_product_attention)(long_q, kv, kv)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=ATOL)
+
+
+def test_blocked_attention_dropout_is_unbiased_in_every_block():
+    """With blocks of 2 queries, each block draws its own masks; averaged over many, every
+    row is the plain attention, and one draw differs from it."""
+    from jaxaudio.layers.attention import blocked_attention
+    q, k, v = _x(8, (1, 5, 2, 4)), _x(9, (1, 6, 2, 4)), _x(10, (1, 6, 2, 4))
+    plain = blocked_attention(q, k, v)
+    drop = jax.vmap(lambda r: blocked_attention(q, k, v, chunk=2, dropout_rate=0.3, dropout_rng=r))(
+        jax.random.split(jax.random.PRNGKey(1), 4000))
+    np.testing.assert_allclose(drop.mean(0), plain, atol=0.05)
+    assert not np.allclose(drop[0], plain, atol=1e-3)
