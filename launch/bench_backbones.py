@@ -235,8 +235,10 @@ class TorchWorker:
         self._receive()  # "ready"
 
     def _receive(self):
-        if not self._conn.poll(3600):
-            raise TimeoutError("the torch benchmark worker did not answer within an hour")
+        while not self._conn.poll(1.0):
+            if not self._proc.is_alive():
+                raise RuntimeError(f"the torch benchmark worker exited (code {self._proc.exitcode}) without "
+                                   "an answer; a script that starts it needs an `if __name__ == '__main__':` guard")
         msg = self._conn.recv()
         if isinstance(msg, tuple) and msg[:1] == ("error",):
             raise RuntimeError(f"the torch benchmark worker failed:\n{msg[1]}")

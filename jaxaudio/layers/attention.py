@@ -25,21 +25,27 @@ from jaxaudio.layers.rotary import apply_rotary
 #   shapes 11 -> 5.5 ms per layer, LLaMA (4 x 256, causal) 28 -> 16 ms;
 # - queries scaled before `q k^T` and rows normalised after `p v` (the flash-attention
 #   order), which drops two passes over the `[heads, q, kv]` logits;
-# - queries of long sequences in blocks (`lax.map`), so only one block's logits exist at a
-#   time: Whisper-small (1500 frames, 12 heads) 280 -> ~90 ms per layer.
+# - queries in blocks (a `fori_loop`) when the `[batch, heads, q, kv]` logits would pass
+#   `CPU_LOGITS_BUDGET` elements, so only one block's logits exist at a time: Whisper-small
+#   (1500 frames, 12 heads) 280 -> ~90 ms per layer, BEATs (4 x 496 tokens with a bias)
+#   -15% for the whole forward.
 # Each query row still takes one exact softmax over all keys: no online rescaling.
-CPU_CHUNK_MIN_LEN = 512
-CHUNK_LEN = 256
+CPU_LOGITS_BUDGET = 1 << 22  # 16 MiB of float32 logits per block
+MIN_CHUNK = 64
 
 
-def _chunk_rows(x: jax.Array | None, q_len: int, chunks: int, chunk: int) -> jax.Array | None:
-    """`[..., q_len or 1, kv]` mask/bias -> `[chunks, ..., chunk or 1, kv]` row blocks."""
+def cpu_chunk(batch: int, heads: int, q_len: int, kv_len: int) -> int:
+    """Queries per block on CPU: all of them while the logits fit `CPU_LOGITS_BUDGET`, else
+    the most that fit, in multiples of `MIN_CHUNK` (at least one multiple)."""
+    rows = CPU_LOGITS_BUDGET // (batch * heads * kv_len)
+    return q_len if rows >= q_len else max(MIN_CHUNK, rows // MIN_CHUNK * MIN_CHUNK)
+
+
+def _rows(x: jax.Array | None, q_len: int, start: jax.Array, chunk: int) -> jax.Array | None:
+    """Rows `start:start + chunk` of a `[..., q_len or 1, kv]` mask/bias (broadcast rows stay)."""
     if x is None or x.ndim < 2 or x.shape[-2] == 1:
-        return None if x is None else jnp.broadcast_to(x, (chunks,) + x.shape)
-    pad = [(0, 0)] * x.ndim
-    pad[-2] = (0, chunks * chunk - q_len)
-    x = jnp.pad(x, pad).reshape(x.shape[:-2] + (chunks, chunk, x.shape[-1]))
-    return jnp.moveaxis(x, -3, 0)
+        return x
+    return jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=x.ndim - 2)
 
 
 def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
@@ -50,16 +56,15 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Arr
     Shapes, mask (True = attend; a fully masked row attends uniformly, as XLA's) and bias
     as `dot_product_attention`; `is_causal` aligns the triangle top-left, as
     `jax.nn.dot_product_attention`. With `chunk`, queries go `chunk` at a time (the last
-    block padded); without it, long sequences (>= `CPU_CHUNK_MIN_LEN`) on CPU go
-    `CHUNK_LEN` at a time and everything else in one block. Logits and softmax are float32.
+    block ends at the last query, overlapping the one before); without it, `cpu_chunk`'s
+    on CPU and one block elsewhere. Logits and softmax are float32.
     With `dropout_rng`, each probability is dropped at `dropout_rate` and the kept ones
     scaled by `1 / (1 - dropout_rate)`, as `torch.nn.Dropout` on the probabilities.
     """
     batch, q_len, heads, head_dim = q.shape
     kv_len, groups = k.shape[1], heads // k.shape[2]
     if chunk is None:
-        long_on_cpu = q_len >= CPU_CHUNK_MIN_LEN and jax.default_backend() == "cpu"
-        chunk = CHUNK_LEN if long_on_cpu else q_len
+        chunk = cpu_chunk(batch, heads, q_len, kv_len) if jax.default_backend() == "cpu" else q_len
     chunk = min(chunk, q_len)
     chunks = -(-q_len // chunk)
     k, v = (jnp.repeat(x, groups, axis=2).transpose(0, 2, 1, 3) for x in (k, v))  # [b, h, kv, d]
@@ -87,14 +92,19 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Arr
         out = jnp.einsum("bhqk,bhkd->bhqd", unnormalized.astype(v.dtype), v)
         return (out / total).astype(v.dtype)
 
+    q = q.transpose(0, 2, 1, 3)  # [b, h, q, d]
     if chunks == 1:
-        return block(q.transpose(0, 2, 1, 3), mask, bias, 0).transpose(0, 2, 1, 3)
-    qc = jnp.pad(q, ((0, 0), (0, chunks * chunk - q_len), (0, 0), (0, 0)))
-    qc = qc.reshape(batch, chunks, chunk, heads, head_dim).transpose(1, 0, 3, 2, 4)  # [n, b, h, c, d]
-    starts = jnp.arange(chunks) * chunk
-    out = jax.lax.map(lambda xs: block(*xs), (qc, _chunk_rows(mask, q_len, chunks, chunk),
-                                              _chunk_rows(bias, q_len, chunks, chunk), starts))  # [n, b, h, c, d]
-    return out.transpose(1, 0, 3, 2, 4).reshape(batch, chunks * chunk, heads, head_dim)[:, :q_len]
+        return block(q, mask, bias, 0).transpose(0, 2, 1, 3)
+
+    def step(i, out):
+        # The last block ends at the last query (overlapping the one before) rather than
+        # padding q, mask and bias to whole blocks: no copies of the `[.., q, kv]` bias.
+        start = jnp.minimum(i * chunk, q_len - chunk)
+        qb = jax.lax.dynamic_slice_in_dim(q, start, chunk, axis=2)
+        ob = block(qb, _rows(mask, q_len, start, chunk), _rows(bias, q_len, start, chunk), start)
+        return jax.lax.dynamic_update_slice_in_dim(out, ob, start, axis=2)
+    out = jax.lax.fori_loop(0, chunks, step, jnp.zeros_like(q, dtype=v.dtype))
+    return out.transpose(0, 2, 1, 3)
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,

@@ -5,6 +5,7 @@ projections, SDPA, output projection), so the tests check the projections' layou
 (`[embed, heads, head_dim]` kernels), masks, additive biases, grouped kv heads,
 cross-attention and the KV cache against an independent implementation.
 """
+import re
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -282,7 +283,7 @@ def _sdpa(q, k, v, mask=None, bias=None, is_causal=False):
 @pytest.mark.parametrize("case", ["plain", "padding_mask", "full_mask", "bias", "causal", "grouped", "cross"])
 @pytest.mark.parametrize("chunk", [16, None])
 def test_blocked_attention_matches_sdpa(case, chunk):
-    """Query blocks of 16 over 50 queries (the last block padded), or one block, give SDPA's result."""
+    """Query blocks of 16 over 50 queries (the last one overlapping), or one block, give SDPA's result."""
     from jaxaudio.layers.attention import blocked_attention
     q_len, kv_len = 50, 50 if case != "cross" else 37
     q = _x(1, (2, q_len, 4, 8))
@@ -324,20 +325,24 @@ def test_blocked_attention_gradients_match_sdpa(chunk):
         np.testing.assert_allclose(np.asarray(g), t.grad.numpy(), atol=1e-4, err_msg=f"d loss / d {name}")
 
 
-def test_cpu_takes_the_blocked_path_and_chunks_long_queries(monkeypatch):
+def test_cpu_takes_the_blocked_path_and_chunks_large_logits(monkeypatch):
     """`dot_product_attention` with no implementation named runs `blocked_attention` on CPU,
-    never `jax.nn`'s; it chunks long queries (a `lax.map` loop in the program) and gives
-    XLA's result; short ones stay in one block."""
+    never `jax.nn`'s; it loops over query blocks once the logits pass the budget, and gives
+    XLA's result; smaller ones stay in one block."""
     from jaxaudio.layers import attention
-    long_q = _x(6, (1, attention.CPU_CHUNK_MIN_LEN, 2, 8))
-    kv = _x(7, (1, attention.CPU_CHUNK_MIN_LEN, 2, 8))
+    assert attention.cpu_chunk(1, 12, 1500, 1500) == 192  # Whisper-small: 8 blocks
+    assert attention.cpu_chunk(4, 12, 496, 496) == 128  # BEATs, batch 4
+    assert attention.cpu_chunk(8, 12, 128, 128) == 128  # BERT-base, batch 8: one block
+    assert attention.cpu_chunk(64, 12, 1500, 1500) == attention.MIN_CHUNK
+    long_q = _x(6, (1, 1024, 8, 8))  # 8M logits: blocks of 512
+    kv = _x(7, (1, 1024, 8, 8))
     want = jax.nn.dot_product_attention(long_q, kv, kv, implementation="xla")
     if jax.default_backend() == "cpu":
         def refuse(*args, **kwargs):
             raise AssertionError("jax.nn.dot_product_attention called on CPU")
         monkeypatch.setattr(attention.jax.nn, "dot_product_attention", refuse)
-        assert "scan" in str(jax.make_jaxpr(attention.dot_product_attention)(long_q, kv, kv))
-    assert "scan" not in str(jax.make_jaxpr(attention.dot_product_attention)(long_q[:, :64], kv, kv))
+        assert re.search("scan|while", str(jax.make_jaxpr(attention.dot_product_attention)(long_q, kv, kv)))
+    assert not re.search("scan|while", str(jax.make_jaxpr(attention.dot_product_attention)(long_q[:, :64], kv, kv)))
     got = jax.jit(attention.dot_product_attention)(long_q, kv, kv)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=ATOL)
 
