@@ -333,8 +333,9 @@ def test_cpu_takes_the_blocked_path_and_chunks_large_logits(monkeypatch):
     assert attention.cpu_chunk(1, 12, 1500, 1500) == 192  # Whisper-small: 8 blocks
     assert attention.cpu_chunk(4, 12, 496, 496) == 128  # BEATs, batch 4
     assert attention.cpu_chunk(8, 12, 128, 128) == 128  # BERT-base, batch 8: one block
+    assert attention.cpu_chunk(1, 8, 1500, 1500) == attention.MAX_CHUNK  # Whisper-base
     assert attention.cpu_chunk(64, 12, 1500, 1500) == attention.MIN_CHUNK
-    long_q = _x(6, (1, 1024, 8, 8))  # 8M logits: blocks of 512
+    long_q = _x(6, (1, 1024, 8, 8))  # 8M logits: 4 blocks of 256
     kv = _x(7, (1, 1024, 8, 8))
     want = jax.nn.dot_product_attention(long_q, kv, kv, implementation="xla")
     if jax.default_backend() == "cpu":
