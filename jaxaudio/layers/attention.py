@@ -41,7 +41,7 @@ def cpu_chunk(batch: int, heads: int, q_len: int, kv_len: int) -> int:
     return q_len if rows >= q_len else min(MAX_CHUNK, max(MIN_CHUNK, rows // MIN_CHUNK * MIN_CHUNK))
 
 
-def _rows(x: jax.Array | None, q_len: int, start: jax.Array, chunk: int) -> jax.Array | None:
+def _rows(x: jax.Array | None, start: jax.Array, chunk: int) -> jax.Array | None:
     """Rows `start:start + chunk` of a `[..., q_len or 1, kv]` mask/bias (broadcast rows stay)."""
     if x is None or x.ndim < 2 or x.shape[-2] == 1:
         return x
@@ -101,7 +101,7 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Arr
         # padding q, mask and bias to whole blocks: no copies of the `[.., q, kv]` bias.
         start = jnp.minimum(i * chunk, q_len - chunk)
         qb = jax.lax.dynamic_slice_in_dim(q, start, chunk, axis=2)
-        ob = block(qb, _rows(mask, q_len, start, chunk), _rows(bias, q_len, start, chunk), start)
+        ob = block(qb, _rows(mask, start, chunk), _rows(bias, start, chunk), start)
         return jax.lax.dynamic_update_slice_in_dim(out, ob, start, axis=2)
     out = jax.lax.fori_loop(0, chunks, step, jnp.zeros_like(q, dtype=v.dtype))
     return out.transpose(0, 2, 1, 3)
