@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxaudio.layers import cpu_kernel
 from jaxaudio.layers.dense import dense
 from jaxaudio.layers.rotary import apply_rotary
 
@@ -107,6 +108,21 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Arr
     return out.transpose(0, 2, 1, 3)
 
 
+@jax.custom_vjp
+def kernel_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Unmasked attention by the C++ CPU kernel (`cpu_kernel`), shapes as
+    `dot_product_attention`. Under differentiation the forward runs `blocked_attention`
+    instead and its own backward follows, so training pays no recomputation."""
+    return cpu_kernel.attention(q, k, v)
+
+
+def _kernel_attention_fwd(q, k, v):
+    return jax.vjp(blocked_attention, q, k, v)  # the vjp closure is a pytree: the residuals
+
+
+kernel_attention.defvjp(_kernel_attention_fwd, lambda vjp, g: vjp(g))
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
                           bias: jax.Array | None = None, is_causal: bool = False,
                           implementation: str | None = None, dropout_rate: float = 0.0,
@@ -116,14 +132,20 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
     q `[batch, q_len, heads, head_dim]`, k/v `[batch, kv_len, kv_heads, head_dim]` with
     `heads % kv_heads == 0`; mask (True = attend) and bias broadcast to
     `[batch, heads, q_len, kv_len]`. Returns `[batch, q_len, heads, head_dim]`.
-    `implementation`: None (CPU: `blocked_attention`; elsewhere `jax.nn.dot_product_attention`
-    with XLA's choice), "blocked", or any of `jax.nn.dot_product_attention`'s ("xla",
-    "cudnn"). With `dropout_rng`, the probabilities are dropped at `dropout_rate` (training
+    `implementation`: None (CPU: `kernel_attention` when there is no mask, bias, causal
+    triangle or dropout and the kernel builds, else `blocked_attention`; elsewhere
+    `jax.nn.dot_product_attention` with XLA's choice), "cpu_kernel", "blocked", or any of
+    `jax.nn.dot_product_attention`'s ("xla", "cudnn"). With `dropout_rng`, the probabilities are dropped at `dropout_rate` (training
     only; `jax.nn.dot_product_attention` has no dropout, so that always takes the blocked path).
     """
     dropout = dropout_rng is not None and dropout_rate > 0.0
     if implementation is None and jax.default_backend() == "cpu":
         implementation = "blocked"
+        if mask is None and bias is None and not is_causal and not dropout and cpu_kernel.supports(q, k, v) \
+                and cpu_kernel.available():
+            implementation = "cpu_kernel"
+    if implementation == "cpu_kernel":
+        return kernel_attention(q, k, v)
     if implementation == "blocked" or dropout:
         return blocked_attention(q, k, v, mask=mask, bias=bias, is_causal=is_causal,
                                  dropout_rate=dropout_rate, dropout_rng=dropout_rng)

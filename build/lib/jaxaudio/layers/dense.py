@@ -1,0 +1,84 @@
+"""Dense layers whose kernels carry logical axis names."""
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxaudio.layers.partitioning import param
+
+DEFAULT_KERNEL_INIT = nn.initializers.truncated_normal(0.02)
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    # PyTorch's nn.GELU() is the exact (erf) form; flax's default is the tanh one.
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+    "silu": nn.silu,
+    "relu": nn.relu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class Dense(nn.Module):
+    """`[..., *in] -> [..., *features]`, contracting the last `contract` input axes.
+
+    Like `nn.DenseGeneral`, but the kernel is created at its full shape: DenseGeneral
+    initialises a flattened 2-D kernel and reshapes it, which breaks logical-axis
+    constraints under a mesh (the names describe the unflattened kernel).
+    """
+    features: tuple[int, ...]
+    axes: tuple[str, ...]
+    contract: int = 1
+    use_bias: bool = True
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    kernel_init: nn.initializers.Initializer = DEFAULT_KERNEL_INIT
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n_in = self.contract
+        shape = tuple(x.shape[-n_in:]) + tuple(self.features)
+        kernel = self.param("kernel", param(self.kernel_init, self.axes), shape, self.param_dtype)
+        y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype),
+                          axes=(tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))))
+        if self.use_bias:
+            n_out = len(self.features)
+            bias = self.param("bias", param(nn.initializers.zeros, self.axes[-n_out:]), tuple(self.features),
+                              self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+def dense(features: int | Sequence[int], axes: Sequence[str], *, name: str, use_bias: bool = True,
+          axis: int | Sequence[int] = -1, dtype=jnp.float32, param_dtype=jnp.float32,
+          kernel_init=DEFAULT_KERNEL_INIT) -> Dense:
+    """A `Dense` whose kernel is named `axes` (input axes then output axes); the bias takes
+    the output part. `axis=-1` contracts the last input axis, `axis=(-2, -1)` the last two."""
+    contract = 1 if isinstance(axis, int) else len(axis)
+    feats = (features,) if isinstance(features, int) else tuple(features)
+    return Dense(feats, tuple(axes), contract=contract, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                 kernel_init=kernel_init, name=name)
+
+
+class Mlp(nn.Module):
+    """Two-layer feed-forward block: `[..., embed] -> [..., mlp] -> [..., embed]`."""
+    hidden_dim: int
+    activation: str = "gelu"
+    dropout: float = 0.0
+    use_bias: bool = True
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        h = dense(self.hidden_dim, ("embed", "mlp"), name="fc1", **kw)(x)
+        h = activation(self.activation)(h)
+        h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+        y = dense(x.shape[-1], ("mlp", "embed"), name="fc2", **kw)(h)
+        return nn.Dropout(self.dropout)(y, deterministic=deterministic)

@@ -1,0 +1,93 @@
+"""The contract between a model and the trainer.
+
+A task builds its model from the config, initialises (or loads) its variables, defines
+the loss and the evaluation, says which parameters train, and supplies the data. The
+trainer (`jaxaudio.train.loop`) does everything else, for every model.
+"""
+import abc
+from typing import Any, Iterator
+
+import flax.linen as nn
+import grain
+import jax
+import numpy as np
+from ml_collections import ConfigDict
+
+Batch = dict[str, np.ndarray]
+Variables = dict[str, Any]
+
+
+class Task(abc.ABC):
+    """Subclass per model; `jaxaudio.tasks.register(name)` makes it reachable from configs."""
+
+    def __init__(self, config: ConfigDict):
+        self.config = config
+        self.model: nn.Module = self.build_model()
+
+    # --- model -------------------------------------------------------------------------
+    @abc.abstractmethod
+    def build_model(self) -> nn.Module:
+        """The Linen module, sized by `self.config.model`."""
+
+    @abc.abstractmethod
+    def dummy_batch(self, batch_size: int) -> Batch:
+        """A batch of zeros with the real shapes and dtypes (for init and abstract eval)."""
+
+    @abc.abstractmethod
+    def init_variables(self, rng: jax.Array) -> Variables:
+        """Fresh variables (with logical-axis boxes) — `params` plus any extra collections."""
+
+    def pretrained_parts(self) -> dict[str, str]:
+        """`{part: path}`: converted checkpoints or training-run workdirs of sub-modules
+        (e.g. a frozen encoder and LLM) that the trainer loads into the variables under
+        `<collection>/<part>/` after `init_variables` (LoRA adapters stay fresh); used
+        when `config.init.checkpoint` (a whole model) is not set."""
+        return {}
+
+    def layer_scale(self, path: str) -> float:
+        """Learning-rate multiplier for the parameter at `path` (layer-wise decay)."""
+        return 1.0
+
+    # --- objective -----------------------------------------------------------------------
+    @abc.abstractmethod
+    def loss_fn(self, params: Any, extra: Variables, batch: Batch, rng: jax.Array
+                ) -> tuple[jax.Array, tuple[dict[str, jax.Array], Variables]]:
+        """`(loss, (metrics, new_extra))` for one (micro)batch in training mode."""
+
+    @abc.abstractmethod
+    def eval_step(self, params: Any, extra: Variables, batch: Batch) -> dict[str, jax.Array]:
+        """Per-example outputs `[batch, ...]` the host collects for `eval_metrics`."""
+
+    @abc.abstractmethod
+    def eval_metrics(self, outputs: dict[str, np.ndarray]) -> dict[str, float]:
+        """Metrics over the whole evaluation set (`chance_<name>` entries print beside them)."""
+
+    # --- data --------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Make sure the data exists (e.g. generate it); the trainer runs it on process 0."""
+
+    @abc.abstractmethod
+    def train_source(self) -> grain.MapDataset:
+        """Training examples (dicts of numpy arrays), unbatched and unshuffled."""
+
+    @abc.abstractmethod
+    def eval_source(self) -> grain.MapDataset:
+        """Evaluation examples, in order."""
+
+    def augment(self, ds: grain.MapDataset, seed: int) -> grain.MapDataset:
+        """Per-example training augmentation, applied after shuffle and repeat (so each epoch
+        differs) with seeded per-index randomness (so a resumed run repeats it)."""
+        return ds
+
+
+def eval_batches(source: grain.MapDataset, batch_size: int) -> Iterator[Batch]:
+    """The whole evaluation set in order, the last batch padded; `valid` marks real rows."""
+    n = len(source)
+    for start in range(0, n, batch_size):
+        rows = [source[i] for i in range(start, min(start + batch_size, n))]
+        valid = np.zeros(batch_size, bool)
+        valid[:len(rows)] = True
+        rows += [rows[-1]] * (batch_size - len(rows))
+        batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        batch["valid"] = valid
+        yield batch

@@ -1,0 +1,284 @@
+"""The one generic train/eval loop (every model plugs in through a `Task`).
+
+Sharding is `jax.jit` with explicit in/out shardings over the mesh from `config.mesh`;
+the train state is donated; gradients may be accumulated over micro-batches and are
+guarded against NaN/Inf (a bad step leaves the state unchanged and is counted). The
+train state and the data iterator are checkpointed together, so a restarted run with the
+same `workdir` continues exactly where it stopped.
+"""
+import contextlib
+import functools
+import logging
+import os
+import re
+from typing import Any
+
+import flax.linen as nn
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+from ml_collections import ConfigDict
+
+from jaxaudio.convert.engine import flatten, unflatten
+from jaxaudio.convert.io import load_converted
+from jaxaudio.layers.partitioning import DEFAULT_RULES
+from jaxaudio.tasks import get_task
+from jaxaudio.tasks.base import Task, eval_batches
+from jaxaudio.train.checkpoint import Checkpointer
+from jaxaudio.train.mesh import batch_sharding, make_mesh
+from jaxaudio.train.optim import make_optimizer, trainable_mask
+from jaxaudio.train.state import TrainState, create_sharded_state, split_variables
+from jaxaudio.train.writer import MetricWriter
+
+log = logging.getLogger(__name__)
+
+
+def _split_micro(x: jax.Array, accum: int) -> jax.Array:
+    """`[global, ...]` -> `[accum, global/accum, ...]`; micro-batch j takes rows j, j+accum, ...
+    so every micro-batch stays spread over all data-parallel devices."""
+    return x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+
+
+def make_train_step(task: Task, tx: optax.GradientTransformation, accum_steps: int = 1, nan_guard: bool = True,
+                    trainable: Any = None):
+    """`train_step(state, batch) -> (state, metrics)`, not yet jitted.
+
+    `trainable` (a tree of bools like the params, `optim.trainable_mask`) stops gradients
+    at frozen parameters, so XLA never computes their weight gradients (a frozen LLM's
+    would cost as much as training it); their zero gradients fold away.
+    """
+    def loss_fn(params, extra, batch, rng):
+        if trainable is not None:
+            params = jax.tree.map(lambda t, p: p if t else jax.lax.stop_gradient(p), trainable, params)
+        return task.loss_fn(params, extra, batch, rng)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+        rng = jax.random.fold_in(state.rng, state.step)
+        micro = jax.tree.map(lambda x: _split_micro(x, accum_steps), batch)
+
+        def one(carry, inputs):
+            grads, extra = carry
+            mb, i = inputs
+            (loss, (metrics, extra)), g = grad_fn(state.params, extra, mb, jax.random.fold_in(rng, i))
+            grads = jax.tree.map(lambda a, b: a + b / accum_steps, grads, g)
+            return (grads, extra), dict(metrics, loss=loss)
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (grads, extra), metrics = jax.lax.scan(one, (zeros, state.extra), (micro, jnp.arange(accum_steps)))
+        metrics = jax.tree.map(jnp.mean, metrics)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, extra=extra)
+        if nan_guard:
+            ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+            new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state.replace(step=state.step + 1))
+            metrics["skipped"] = 1.0 - ok.astype(jnp.float32)
+        return new, metrics
+
+    return train_step
+
+
+def is_run_dir(path: str) -> bool:
+    """Whether `path` is a training run's workdir (it has a `checkpoints` folder)."""
+    return os.path.isdir(os.path.join(path, "checkpoints"))
+
+
+def load_run_variables(workdir: str) -> dict[str, Any]:
+    """`{"params": ..., <extra collections>...}` (numpy) of the latest checkpoint of the
+    training run in `workdir`; the optimizer state, step and data position are not read."""
+    import orbax.checkpoint as ocp
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(directory):
+        raise ValueError(f"{workdir}: not a training run's workdir (no checkpoints folder)")
+    manager = ocp.CheckpointManager(directory, item_handlers={"state": ocp.StandardCheckpointHandler()})
+    try:
+        step = manager.latest_step()
+        if step is None:
+            raise ValueError(f"{workdir}: the run has saved no checkpoint yet")
+        # No target: the saved tree comes back as nested dicts, whatever the optimizer was.
+        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    finally:
+        manager.close()
+    return jax.tree.map(np.asarray, {"params": state["params"], **state["extra"]})
+
+
+def _global_batch(local: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+class Trainer:
+    """Holds the mesh, the compiled steps, the data iterator and the checkpointer of a run."""
+
+    def __init__(self, config: ConfigDict, workdir: str):
+        self.config, self.workdir = config, workdir
+        self.task: Task = get_task(config.task)(config)
+        self.mesh = make_mesh(config.mesh.to_dict())
+        self.batch_sharding = batch_sharding(self.mesh)
+        tcfg = config.train
+        if tcfg.batch_size % (tcfg.accum_steps * jax.process_count()):
+            raise ValueError(f"config.train.batch_size={tcfg.batch_size} must be divisible by "
+                             f"accum_steps={tcfg.accum_steps} x processes={jax.process_count()}")
+        if jax.process_index() == 0:  # one writer; the others wait for the files
+            self.task.prepare_data()
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("jaxaudio:prepare_data")
+        abstract = jax.eval_shape(self.task.init_variables, jax.random.PRNGKey(0))
+        abstract_params = nn.unbox(abstract)["params"]
+        self.tx, self.schedule = make_optimizer(config.optim, abstract_params, self.task.layer_scale)
+        self.trainable = trainable_mask(config.optim, abstract_params)
+        # The out_shardings place the state; init needs no activation constraints.
+        self.state, self.shardings = create_sharded_state(
+            self.task.init_variables, self.tx, jax.random.PRNGKey(config.seed), self.mesh, DEFAULT_RULES)
+        if config.init.get("checkpoint"):
+            self.state = self._load_initial(config.init.checkpoint)
+        else:
+            for part, path in self.task.pretrained_parts().items():
+                self.state = self._load_initial(path, part, what=f"config.init.{part}")
+        step = make_train_step(self.task, self.tx, tcfg.accum_steps, tcfg.nan_guard, self.trainable)
+        self.train_step = jax.jit(step, in_shardings=(self.shardings, self.batch_sharding),
+                                  out_shardings=(self.shardings, None), donate_argnums=0)
+        self.eval_step = jax.jit(self.task.eval_step,
+                                 in_shardings=(self.shardings.params, self.shardings.extra, self.batch_sharding))
+        self.data_iter = self._train_iterator()
+        self.checkpointer = Checkpointer(workdir, tcfg.checkpoint_every, tcfg.keep_checkpoints)
+        self.history: list[dict[str, float]] = []  # the logged train metrics, with their step
+
+    def sharding_context(self) -> contextlib.ExitStack:
+        """The mesh and logical-axis rules under which steps are traced, so the models'
+        activation constraints (`layers.constrain`) take effect."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nn.logical_axis_rules(DEFAULT_RULES))
+        return stack
+
+    def _load_initial(self, path: str, part: str | None = None, what: str = "config.init.checkpoint") -> TrainState:
+        """Start from a converted checkpoint, or from the latest checkpoint of another
+        training run's workdir (its parameters and extra collections; a curriculum's next
+        stage). Every variable must be in it, except those a converted checkpoint declares
+        fresh (`fresh` in its config.json: e.g. the heads when starting from a pretraining
+        checkpoint), which keep their initialisation.
+
+        With `part`, the checkpoint is one sub-module's (`Task.pretrained_parts`): it fills
+        the variables under `<collection>/<part>/`, except LoRA adapters, which stay fresh;
+        the rest of the model keeps its initialisation."""
+        if is_run_dir(path):
+            variables, saved_config = load_run_variables(path), {}
+        else:
+            variables, saved_config = load_converted(path)
+        fresh = re.compile(saved_config.get("fresh") or r"(?!)")
+        params, extra = split_variables(variables)
+        current = {"params": self.state.params, **self.state.extra}
+        loaded = {"params": params, **extra}
+        merged, problems = {}, []
+        for coll, tree in current.items():
+            if part is not None and part not in tree:
+                merged[coll] = tree
+                continue
+            have = flatten(loaded.get(coll, {}))
+            out = flatten(tree)
+            for k, v in list(out.items()):
+                if part is not None and (not k.startswith(part + "/") or k.rsplit("/", 1)[-1] in ("lora_a", "lora_b")):
+                    continue  # outside the part, or an adapter: keeps its initialisation
+                key = k if part is None else k[len(part) + 1:]
+                got = have.get(key)
+                if got is None:
+                    if not fresh.fullmatch(f"{coll}/{key}"):
+                        problems.append(f"missing {coll}/{key} {tuple(v.shape)}")
+                elif tuple(got.shape) != tuple(v.shape):
+                    problems.append(f"{coll}/{key}: checkpoint {tuple(got.shape)}, model {tuple(v.shape)}")
+                else:
+                    out[k] = np.asarray(got).astype(v.dtype)  # e.g. a bf16-stored conversion, fp32 master
+            merged[coll] = unflatten(out)
+        if problems:
+            where = "the model" if part is None else f"config.model.{part}"
+            raise ValueError(f"{what}={path} does not fit {where}:\n  " + "\n  ".join(problems[:40]))
+        params, extra = merged.pop("params"), merged
+        placed = jax.device_put((params, extra), (self.shardings.params, self.shardings.extra))
+        return self.state.replace(params=placed[0], extra=placed[1])
+
+    def _train_iterator(self):
+        tcfg = self.config.train
+        ds = self.task.train_source()
+        if len(ds) == 0:
+            raise ValueError(f"the training set of task {self.config.task!r} is empty (check config.data)")
+        # Shuffle, then repeat: grain reshuffles every epoch with a seed derived from `seed`.
+        ds = ds.shuffle(seed=self.config.seed).repeat(None)
+        ds = self.task.augment(ds, self.config.seed)
+        ds = ds[jax.process_index()::jax.process_count()]
+        ds = ds.batch(tcfg.batch_size // jax.process_count(), drop_remainder=True)
+        return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=tcfg.data_threads,
+                                                         prefetch_buffer_size=tcfg.data_prefetch)))
+
+    def restore_or_init(self) -> int:
+        """Continue from the latest checkpoint in `workdir`, if any; returns the step."""
+        latest = self.checkpointer.latest_step()
+        if latest is not None:
+            self.state = self.checkpointer.restore(latest, self.state, self.data_iter)
+            log.info("restored step %d from %s", latest, self.workdir)
+        return int(self.state.step)
+
+    def evaluate(self) -> dict[str, float]:
+        with self.sharding_context():
+            return self._evaluate()
+
+    def _evaluate(self) -> dict[str, float]:
+        outputs: dict[str, list[np.ndarray]] = {}
+        bs = self.config.train.eval_batch_size
+        for batch in eval_batches(self.task.eval_source(), bs):
+            valid = batch.pop("valid")
+            arrays = {k: jax.make_array_from_callback(v.shape, self.batch_sharding, functools.partial(
+                lambda v, idx: v[idx], v)) for k, v in batch.items()}
+            out = self.eval_step(self.state.params, self.state.extra, arrays)
+            out = multihost_utils.process_allgather(out, tiled=True) if jax.process_count() > 1 else out
+            for k, v in jax.device_get(out).items():
+                outputs.setdefault(k, []).append(np.asarray(v)[valid])
+        return self.task.eval_metrics({k: np.concatenate(v) for k, v in outputs.items()})
+
+    def _step(self, step: int, writer: MetricWriter, pending: list) -> dict[str, float] | None:
+        """One train step plus whatever falls due at it (logging, eval, checkpoint)."""
+        tcfg = self.config.train
+        batch = _global_batch(next(self.data_iter), self.batch_sharding)
+        self.state, metrics = self.train_step(self.state, batch)
+        pending.append(metrics)
+        if step % tcfg.log_every == 0 or step == tcfg.steps:
+            host = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
+            host["lr"] = float(self.schedule(step - 1))
+            pending.clear()
+            writer.scalars(step, host)
+            self.history.append(dict(host, step=step))
+            writer.progress(step, host)
+        # Saved before the evaluation, so a failing evaluation loses no training.
+        self.checkpointer.save(step, self.state, self.data_iter, force=step == tcfg.steps)
+        eval_metrics = None
+        if tcfg.eval_every and (step % tcfg.eval_every == 0 or step == tcfg.steps):
+            eval_metrics = self._evaluate()
+            writer.scalars(step, eval_metrics, prefix="eval")
+            writer.log(f"step {step} eval: " + ", ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
+        return eval_metrics
+
+    def train(self) -> dict[str, float]:
+        """Train to `config.train.steps` (resuming if possible), evaluating on the way."""
+        tcfg = self.config.train
+        start = self.restore_or_init()
+        writer = MetricWriter(self.workdir, tcfg.steps, start)
+        eval_metrics: dict[str, float] = {}
+        pending: list[dict[str, Any]] = []
+        try:
+            with self.sharding_context():
+                for step in range(start + 1, tcfg.steps + 1):
+                    eval_metrics = self._step(step, writer, pending) or eval_metrics
+        finally:
+            writer.close()
+            self.checkpointer.close()
+        return eval_metrics
+
+
+def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
+    os.makedirs(workdir, exist_ok=True)
+    return Trainer(config, workdir).train()

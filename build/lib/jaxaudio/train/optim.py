@@ -1,0 +1,94 @@
+"""Optimizer: AdamW, warmup + cosine, layer-wise lr decay, clipping, frozen parameters.
+
+What trains is chosen by regex over '/'-joined parameter paths (`optim.trainable`,
+`optim.frozen`); frozen parameters go through `optax.set_to_zero()` inside
+`optax.multi_transform`, so they get no optimizer state.
+"""
+import re
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from ml_collections import ConfigDict
+
+from jaxaudio.convert.engine import flatten, unflatten
+
+
+def path_labels(params: Any, fn: Callable[[str], Any]) -> Any:
+    """A tree like `params` whose leaves are `fn('/'-joined path)`."""
+    return unflatten({k: fn(k) for k in flatten(params)})
+
+
+def make_schedule(cfg: ConfigDict) -> optax.Schedule:
+    """Linear warmup from `warmup_start_lr` (default 0) to `lr`, then a half-cycle cosine to
+    `min_lr` at `total_steps`.
+
+    `schedule="lavis"` is LAVIS' `LinearWarmupCosineLRScheduler` (SALMONN's): the cosine is
+    a function of the absolute step over all `total_steps`, so it starts slightly below
+    `lr` when the warmup ends; the default cosine spans the steps after the warmup.
+    """
+    warmup, start = int(cfg.warmup_steps), float(cfg.get("warmup_start_lr", 0.0))
+    kind = cfg.get("schedule", "warmup_cosine")
+    if kind == "lavis":
+        lr, min_lr, total = float(cfg.lr), float(cfg.min_lr), max(int(cfg.total_steps), 1)
+
+        def schedule(step):
+            step = jnp.asarray(step, jnp.float32)
+            warm = jnp.minimum(lr, start + (lr - start) * step / max(warmup, 1))
+            cosine = (lr - min_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * step / total)) + min_lr
+            return jnp.where(step < warmup, warm, cosine)
+        return schedule
+    if kind != "warmup_cosine":
+        raise ValueError(f"config.optim.schedule={kind!r}: choose 'warmup_cosine' or 'lavis'")
+    return optax.warmup_cosine_decay_schedule(
+        init_value=start, peak_value=cfg.lr, warmup_steps=warmup,
+        decay_steps=max(int(cfg.total_steps), warmup + 1), end_value=cfg.min_lr)
+
+
+def scale_by_tree(scales: Any) -> optax.GradientTransformation:
+    """Multiply each update by a fixed per-parameter factor (layer-wise lr decay)."""
+    masked = optax.transforms.MaskedNode  # frozen parameters inside `multi_transform`
+
+    def update(updates, state, params=None):
+        return jax.tree.map(lambda u, s: u if isinstance(u, masked) else u * jnp.asarray(s, u.dtype),
+                            updates, scales, is_leaf=lambda x: isinstance(x, masked)), state
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def trainable_mask(cfg: ConfigDict, params: Any) -> Any:
+    """A tree like `params`: True where `optim.trainable` matches the path and `optim.frozen`
+    does not."""
+    trainable = re.compile(cfg.trainable)
+    frozen = re.compile(cfg.frozen) if cfg.get("frozen") else None
+    mask = path_labels(params, lambda p: bool(trainable.fullmatch(p)) and not (frozen and frozen.fullmatch(p)))
+    if not any(jax.tree.leaves(mask)):
+        raise ValueError(f"config.optim.trainable={cfg.trainable!r} matches no parameter; "
+                         f"paths look like {sorted(flatten(params))[:5]}")
+    return mask
+
+
+def make_optimizer(cfg: ConfigDict, params: Any, layer_scale: Callable[[str], float] | None = None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """Build the optimizer for `params` (a tree, or abstract shapes) from `config.optim`.
+
+    `layer_scale(path) -> float` gives the lr multiplier of each parameter (1 when None).
+    """
+    schedule = make_schedule(cfg)
+    no_decay = re.compile(cfg.no_decay)
+    labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable_mask(cfg, params))
+    decay_mask = path_labels(params, lambda p: not no_decay.fullmatch(p))
+    scales = path_labels(params, layer_scale or (lambda _: 1.0))
+    adamw = optax.chain(
+        optax.clip_by_global_norm(cfg.max_grad_norm) if cfg.max_grad_norm else optax.identity(),
+        optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
+        optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
+        scale_by_tree(scales),
+        optax.scale_by_learning_rate(schedule),
+    )
+    return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels), schedule
+
+
+def layer_decay_scale(num_layers: int, decay: float, layer_id: Callable[[str], int]) -> Callable[[str], float]:
+    """BEiT-style layer-wise lr decay: parameter in layer i gets `decay ** (num_layers - i)`."""
+    return lambda path: decay ** (num_layers - layer_id(path))

@@ -1,0 +1,56 @@
+"""The train state and its sharded creation."""
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxaudio.train.mesh import logical_shardings
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a run needs to continue: the step, parameters, optimizer state, the
+    non-trained collections (BatchNorm statistics) and the base PRNG key (each step's key
+    is `fold_in(rng, step)`, so a restored run draws the same randomness)."""
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    extra: Any
+    rng: jax.Array
+
+
+def split_variables(variables: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    variables = dict(variables)
+    return variables.pop("params"), variables
+
+
+def create_sharded_state(init_variables, tx: optax.GradientTransformation, rng: jax.Array, mesh: Mesh,
+                         rules) -> tuple[TrainState, TrainState]:
+    """Initialise the train state directly into its shardings.
+
+    `init_variables(rng)` returns variables whose leaves carry logical axis names. Returns
+    `(state, shardings)`; optimizer moments take the sharding of their parameter.
+    """
+    abstract = jax.eval_shape(init_variables, rng)
+    var_sh = logical_shardings(abstract, mesh, rules)
+    params_sh, extra_sh = split_variables(var_sh)
+    abstract_params = nn.unbox(split_variables(abstract)[0])
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    repl = NamedSharding(mesh, PartitionSpec())
+    # Moments are params-shaped; frozen parameters appear as empty `MaskedNode`s.
+    masked = optax.transforms.MaskedNode
+    opt_sh = optax.tree_map_params(tx, lambda p, s: p if isinstance(p, masked) else s, abstract_opt, params_sh,
+                                   transform_non_params=lambda _: repl,
+                                   is_leaf=lambda x: isinstance(x, (NamedSharding, masked)))
+    shardings = TrainState(step=repl, params=params_sh, opt_state=opt_sh, extra=extra_sh, rng=repl)
+
+    def init(rng):
+        params, extra = split_variables(nn.unbox(init_variables(rng)))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          extra=extra, rng=rng)
+
+    return jax.jit(init, out_shardings=shardings)(rng), shardings
