@@ -2,13 +2,15 @@
 
 `MultiHeadAttention` projects queries, keys and values (fused like timm's `qkv`, or as
 separate `query`/`key`/`value` like Hugging Face), calls `dot_product_attention` (on CPU
-our `blocked_attention`, faster there; elsewhere `jax.nn.dot_product_attention`, with cuDNN
-flash attention on GPU when `implementation="cudnn"`), and projects back. It takes a
+the C++ kernel of `cpu_kernel` for unmasked attention and our `blocked_attention` for the
+rest, both faster there; elsewhere `jax.nn.dot_product_attention`, with cuDNN flash
+attention on GPU when `implementation="cudnn"`), and projects back. It takes a
 boolean mask, an additive bias (relative positions), grouped key/value heads,
 cross-attention context, rotary position embeddings (`rope_theta`), dropout on the
 attention probabilities (BERT's `attention_probs_dropout_prob`) and an autoregressive KV
 cache (`decode=True`).
 """
+import functools
 from typing import Callable
 
 import flax.linen as nn
@@ -108,19 +110,21 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Arr
     return out.transpose(0, 2, 1, 3)
 
 
-@jax.custom_vjp
-def kernel_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Unmasked attention by the C++ CPU kernel (`cpu_kernel`), shapes as
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def kernel_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
+                     is_causal: bool = False) -> jax.Array:
+    """Attention by the C++ CPU kernel (`cpu_kernel`), shapes and mask as
     `dot_product_attention`. Under differentiation the forward runs `blocked_attention`
     instead and its own backward follows, so training pays no recomputation."""
-    return cpu_kernel.attention(q, k, v)
+    return cpu_kernel.attention(q, k, v, mask, is_causal)
 
 
-def _kernel_attention_fwd(q, k, v):
-    return jax.vjp(blocked_attention, q, k, v)  # the vjp closure is a pytree: the residuals
+def _kernel_attention_fwd(q, k, v, mask, is_causal):
+    # The vjp closure is a pytree of arrays, so it can be the residuals.
+    return jax.vjp(functools.partial(blocked_attention, mask=mask, is_causal=is_causal), q, k, v)
 
 
-kernel_attention.defvjp(_kernel_attention_fwd, lambda vjp, g: vjp(g))
+kernel_attention.defvjp(_kernel_attention_fwd, lambda is_causal, vjp, g: (*vjp(g), None))  # no mask cotangent
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
@@ -132,8 +136,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
     q `[batch, q_len, heads, head_dim]`, k/v `[batch, kv_len, kv_heads, head_dim]` with
     `heads % kv_heads == 0`; mask (True = attend) and bias broadcast to
     `[batch, heads, q_len, kv_len]`. Returns `[batch, q_len, heads, head_dim]`.
-    `implementation`: None (CPU: `kernel_attention` when there is no mask, bias, causal
-    triangle or dropout and the kernel builds, else `blocked_attention`; elsewhere
+    `implementation`: None (CPU: `kernel_attention` when there is no bias or dropout and
+    the kernel builds, else `blocked_attention`; elsewhere
     `jax.nn.dot_product_attention` with XLA's choice), "cpu_kernel", "blocked", or any of
     `jax.nn.dot_product_attention`'s ("xla", "cudnn"). With `dropout_rng`, the probabilities are dropped at `dropout_rate` (training
     only; `jax.nn.dot_product_attention` has no dropout, so that always takes the blocked path).
@@ -141,11 +145,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
     dropout = dropout_rng is not None and dropout_rate > 0.0
     if implementation is None and jax.default_backend() == "cpu":
         implementation = "blocked"
-        if mask is None and bias is None and not is_causal and not dropout and cpu_kernel.supports(q, k, v) \
-                and cpu_kernel.available():
+        if bias is None and not dropout and cpu_kernel.supports(q, k, v, mask) and cpu_kernel.available():
             implementation = "cpu_kernel"
     if implementation == "cpu_kernel":
-        return kernel_attention(q, k, v)
+        return kernel_attention(q, k, v, mask, is_causal)
     if implementation == "blocked" or dropout:
         return blocked_attention(q, k, v, mask=mask, bias=bias, is_causal=is_causal,
                                  dropout_rate=dropout_rate, dropout_rng=dropout_rng)

@@ -11,6 +11,9 @@
 //
 // Layouts: q [..., q_len, heads, dim], k and v [..., kv_len, kv_heads, dim] with
 // heads % kv_heads == 0 and dim % 16 == 0; every leading dimension is a batch dimension.
+// The masked entry point also takes a boolean mask [..., heads or 1, q_len or 1, kv_len]
+// (true = attend) and/or causal rows (key j <= query i, top-left aligned); masked logits
+// become the lowest float, so a fully masked row attends uniformly, as the XLA path.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -18,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <string>
 #include <thread>
@@ -154,6 +158,16 @@ struct Shape {
   int64_t kv_pad() const { return (kv_len + kNR - 1) / kNR * kNR; }
 };
 
+struct Mask {
+  const bool* data = nullptr;  // [batch, heads, q_len, kv_len] with heads, q_len possibly 1
+  int64_t heads = 1, q_len = 1;
+  bool causal = false;
+  bool any() const { return data != nullptr || causal; }
+  const bool* row(const Shape& s, int64_t b, int64_t h, int64_t i) const {
+    return data + ((b * heads + (heads == 1 ? 0 : h)) * q_len + (q_len == 1 ? 0 : i)) * s.kv_len;
+  }
+};
+
 // k [kv_len, kv_heads, dim] of one head -> panels [kv_pad / 16][dim][16] (keys zero-padded);
 // v of the same head -> [kv_len][dim], contiguous.
 void pack_head(const Shape& s, const float* k, const float* v, float* k_panels, float* v_rows) {
@@ -168,8 +182,8 @@ void pack_head(const Shape& s, const float* k, const float* v, float* k_panels, 
 }
 
 // One task: queries [row0, row0 + rows) of head h in batch b.
-void attend_block(const Shape& s, float scale, const float* q, const float* k_panels,
-                  const float* v_rows, float* out, int64_t row0, int64_t rows) {
+void attend_block(const Shape& s, const Mask& mask, int64_t b, int64_t h, float scale, const float* q,
+                  const float* k_panels, const float* v_rows, float* out, int64_t row0, int64_t rows) {
   thread_local Scratch q_buf, s_buf, o_buf, m_buf;
   const int64_t tiles = (rows + kMR - 1) / kMR, padded = tiles * kMR;
   const int64_t kv_pad = s.kv_pad(), q_stride = s.heads * s.dim;
@@ -184,16 +198,32 @@ void attend_block(const Shape& s, float scale, const float* q, const float* k_pa
   // of a last partial panel are added one by one, so zero-padded keys never count.
   float* lane_max = m_buf.get(padded * 8);
   for (int64_t i = 0; i < padded * 8; ++i) lane_max[i] = -INFINITY;
-  const int64_t full = s.kv_len / kNR;
+  // With a mask the maxima wait for it; causal rows skip the key panels wholly above them
+  // (the mask pass fills those logits) and, in p v, the keys past their last row.
+  const int64_t full = mask.any() ? 0 : s.kv_len / kNR;
+  const auto key_end = [&](int64_t t) {  // keys that tile t's rows can see
+    return mask.causal ? std::min(s.kv_len, row0 + (t + 1) * kMR) : s.kv_len;
+  };
   for (int64_t p = 0; p < kv_pad / kNR; ++p) {
-    for (int64_t t = 0; t < tiles; ++t)
+    for (int64_t t = 0; t < tiles; ++t) {
+      if (p * kNR >= key_end(t)) continue;
       qk_tile<kMR>(qs + t * kMR * s.dim, k_panels + p * s.dim * kNR, s.dim,
                    logits + t * kMR * kv_pad + p * kNR, kv_pad, p < full ? lane_max + t * kMR * 8 : nullptr);
+    }
   }
   std::vector<float> inv_sum(padded);
+  std::vector<int64_t> uniform;  // fully masked causal rows: p v below skips their later keys
   const int64_t vec_end = s.kv_len / 8 * 8;
+  const float lowest = std::numeric_limits<float>::lowest();
   for (int64_t r = 0; r < padded; ++r) {
     float* row = logits + r * kv_pad;
+    if (mask.any() && r < rows) {
+      const int64_t i = row0 + r;
+      const bool* keep = mask.data ? mask.row(s, b, h, i) : nullptr;
+      const int64_t visible = mask.causal ? std::min(s.kv_len, i + 1) : s.kv_len;
+      for (int64_t j = 0; j < visible; ++j) row[j] = (!keep || keep[j]) ? row[j] : lowest;
+      std::fill(row + visible, row + s.kv_len, lowest);
+    }
     float m = *std::max_element(lane_max + r * 8, lane_max + r * 8 + 8);
     for (int64_t j = full * kNR; j < s.kv_len; ++j) m = std::max(m, row[j]);
     const __m256 vm = _mm256_set1_ps(m);
@@ -212,14 +242,25 @@ void attend_block(const Shape& s, float scale, const float* q, const float* k_pa
       total += row[j];
     }
     inv_sum[r] = static_cast<float>(1.0 / total);
+    if (mask.causal && m == lowest && r < rows) uniform.push_back(r);
   }
   std::memset(acc, 0, sizeof(float) * padded * s.dim);
   for (int64_t j0 = 0; j0 < s.kv_len; j0 += kKeyChunk) {
     const int64_t n = std::min(kKeyChunk, s.kv_len - j0);
     for (int64_t c = 0; c < s.dim; c += kNR) {
-      for (int64_t t = 0; t < tiles; ++t)
-        pv_tile<kMR>(logits + t * kMR * kv_pad + j0, kv_pad, v_rows + j0 * s.dim + c, s.dim, n,
-                     acc + t * kMR * s.dim + c, s.dim);
+      for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t seen = std::min(n, key_end(t) - j0);  // later keys have p == 0
+        if (seen > 0)
+          pv_tile<kMR>(logits + t * kMR * kv_pad + j0, kv_pad, v_rows + j0 * s.dim + c, s.dim, seen,
+                       acc + t * kMR * s.dim + c, s.dim);
+      }
+    }
+  }
+  for (int64_t r : uniform) {  // every key weighs the same, the hidden ones too (XLA's rule)
+    float* row = acc + r * s.dim;
+    std::fill(row, row + s.dim, 0.0f);
+    for (int64_t j = 0; j < s.kv_len; ++j) {
+      for (int64_t d = 0; d < s.dim; ++d) row[d] += v_rows[j * s.dim + d];
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
@@ -230,8 +271,8 @@ void attend_block(const Shape& s, float scale, const float* q, const float* k_pa
   }
 }
 
-ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                     ffi::Buffer<ffi::F32> v, ffi::ResultBuffer<ffi::F32> out, float scale) {
+ffi::Error Run(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+               ffi::Buffer<ffi::F32> v, const Mask& mask, ffi::ResultBuffer<ffi::F32> out, float scale) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   const size_t rank = qd.size();
   if (rank < 3 || kd.size() != rank || vd.size() != rank)
@@ -272,14 +313,53 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
   parallel_for(pool, s.batch * s.heads * blocks, [&](int64_t i) {
     const int64_t blk = i % blocks, h = (i / blocks) % s.heads, b = i / blocks / s.heads;
     const int64_t packed_head = b * s.kv_heads + h / groups, row0 = blk * kRows;
-    attend_block(s, scale, qp + b * q_batch + h * s.dim, k_panels + packed_head * head_floats,
+    attend_block(s, mask, b, h, scale, qp + b * q_batch + h * s.dim, k_panels + packed_head * head_floats,
                  v_rows + packed_head * head_floats, op + b * q_batch + h * s.dim, row0,
                  std::min(kRows, s.q_len - row0));
   });
   return ffi::Error::Success();
 }
 
+ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                     ffi::Buffer<ffi::F32> v, ffi::ResultBuffer<ffi::F32> out, float scale) {
+  return Run(pool, q, k, v, Mask{}, out, scale);
+}
+
+ffi::Error MaskedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                           ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask,
+                           ffi::ResultBuffer<ffi::F32> out, float scale, bool causal) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), md = mask.dimensions();
+  const size_t rank = qd.size();
+  Mask m{reinterpret_cast<const bool*>(mask.typed_data()), 1, 1, causal};
+  if (md.size() == 1 && md[0] == 0) {
+    m.data = nullptr;  // causal rows only
+  } else {
+    if (md.size() != rank || rank < 3 || md[rank - 1] != kd[rank - 3] ||
+        (md[rank - 3] != 1 && md[rank - 3] != qd[rank - 2]) ||
+        (md[rank - 2] != 1 && md[rank - 2] != qd[rank - 3]))
+      return ffi::Error::InvalidArgument(
+          "attention: the mask must be [..., heads or 1, q_len or 1, kv_len] with q's batch dimensions");
+    for (size_t i = 0; i + 3 < rank; ++i) {
+      if (md[i] != qd[i]) return ffi::Error::InvalidArgument("attention: mask batch dimensions differ from q's");
+    }
+    m.heads = md[rank - 3];
+    m.q_len = md[rank - 2];
+  }
+  return Run(pool, q, k, v, m, out, scale);
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxaudioCpuMaskedAttention, MaskedAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<bool>("causal"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxaudioCpuAttention, Attention,
                               ffi::Ffi::Bind()

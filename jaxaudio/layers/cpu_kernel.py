@@ -24,6 +24,7 @@ import numpy as np
 
 SOURCE = Path(__file__).with_name("cpu_attention.cc")
 TARGET = "jaxaudio_cpu_attention"
+MASKED_TARGET = "jaxaudio_cpu_masked_attention"
 
 
 def _cpu_flags() -> set[str]:
@@ -80,8 +81,10 @@ def available() -> bool:
         reason = "needs a CPU with AVX2 and FMA"
     else:
         try:
-            handler = ctypes.cdll.LoadLibrary(str(build())).JaxaudioCpuAttention
-            jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
+            lib = ctypes.cdll.LoadLibrary(str(build()))
+            jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxaudioCpuAttention), platform="cpu")
+            jax.ffi.register_ffi_target(MASKED_TARGET, jax.ffi.pycapsule(lib.JaxaudioCpuMaskedAttention),
+                                        platform="cpu")
         except (OSError, RuntimeError) as err:
             reason = str(err)
     if reason:
@@ -90,26 +93,43 @@ def available() -> bool:
     return reason is None
 
 
-def supports(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
+def supports(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> bool:
     """Whether `attention` takes these operands (float32, head dim a multiple of 16, grouped
-    heads, at least one key)."""
-    return (all(x.dtype == jnp.float32 for x in (q, k, v)) and q.shape[-1] % 16 == 0
-            and k.shape == v.shape and k.shape[-1] == q.shape[-1] and k.shape[-3] > 0
-            and q.shape[-2] % k.shape[-2] == 0 and q.shape[:-3] == k.shape[:-3])
+    heads, at least one key; a mask that broadcasts to `[..., heads, q_len, kv_len]`)."""
+    ok = (all(x.dtype == jnp.float32 for x in (q, k, v)) and q.shape[-1] % 16 == 0
+          and k.shape == v.shape and k.shape[-1] == q.shape[-1] and k.shape[-3] > 0
+          and q.shape[-2] % k.shape[-2] == 0 and q.shape[:-3] == k.shape[:-3])
+    if ok and mask is not None:
+        full = (*q.shape[:-3], q.shape[-2], q.shape[-3], k.shape[-3])
+        ok = mask.ndim <= len(full) and all(m in (1, f) for m, f in zip(mask.shape[::-1], full[::-1]))
+    return ok
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Unmasked softmax attention by the kernel, no gradient (see `dot_product_attention`).
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
+              is_causal: bool = False) -> jax.Array:
+    """Softmax attention by the kernel, no gradient (see `dot_product_attention`).
 
-    q `[..., q_len, heads, head_dim]`, k/v `[..., kv_len, kv_heads, head_dim]` float32;
-    returns `[..., q_len, heads, head_dim]`. Check `supports` first.
+    q `[..., q_len, heads, head_dim]`, k/v `[..., kv_len, kv_heads, head_dim]` float32; mask
+    (True = attend) broadcasts to `[..., heads, q_len, kv_len]`; `is_causal`: key j <= query
+    i. Returns `[..., q_len, heads, head_dim]`. Check `supports` first.
     """
-    if not supports(q, k, v):
+    if not supports(q, k, v, mask):
         raise ValueError("cpu_kernel.attention needs float32 q [..., q_len, heads, dim] and k, v "
                          "[..., kv_len, kv_heads, dim] with dim % 16 == 0, heads % kv_heads == 0 and "
-                         f"kv_len > 0; got q {q.shape} {q.dtype}, k {k.shape} {k.dtype}, v {v.shape} {v.dtype}")
+                         f"kv_len > 0, and a mask broadcasting to [..., heads, q_len, kv_len]; got q {q.shape} "
+                         f"{q.dtype}, k {k.shape} {k.dtype}, v {v.shape} {v.dtype}"
+                         + ("" if mask is None else f", mask {mask.shape}"))
     if not available():
         raise RuntimeError("jaxaudio: the C++ CPU attention kernel is not available here (see the warning)")
     scale = np.float32(1.0 / np.sqrt(q.shape[-1]))
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype), vmap_method="broadcast_all")
-    return call(q, k, v, scale=scale)
+    result = jax.ShapeDtypeStruct(q.shape, q.dtype)
+    if mask is None and not is_causal:
+        return jax.ffi.ffi_call(TARGET, result, vmap_method="broadcast_all")(q, k, v, scale=scale)
+    if mask is None:
+        mask = jnp.zeros((0,), bool)  # causal rows only
+    else:  # batch dimensions and keys spelled out; heads and queries may stay 1
+        mask = jnp.asarray(mask, bool)
+        mask = mask.reshape((1,) * (q.ndim - mask.ndim) + mask.shape)
+        mask = jnp.broadcast_to(mask, (*q.shape[:-3], *mask.shape[-3:-1], k.shape[-3]))
+    return jax.ffi.ffi_call(MASKED_TARGET, result, vmap_method="broadcast_all")(
+        q, k, v, mask, scale=scale, causal=is_causal)

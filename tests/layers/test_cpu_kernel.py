@@ -22,12 +22,17 @@ def _x(seed, shape, scale=1.0):
     return (scale * np.random.default_rng(seed).standard_normal(shape)).astype(np.float32)
 
 
-def _sdpa(q, k, v):
-    """torch SDPA on `[..., len, heads, dim]` (kv heads repeated for groups)."""
+def _sdpa(q, k, v, mask=None, is_causal=False):
+    """torch SDPA on `[..., len, heads, dim]` (kv heads repeated for groups). A fully masked
+    row attends uniformly, as ours and XLA's: torch would give NaN, so its mask gets -1e30."""
     groups = q.shape[-2] // k.shape[-2]
     qt, kt, vt = (torch.from_numpy(np.asarray(x)).transpose(-3, -2) for x in (q, k, v))
     kt, vt = kt.repeat_interleave(groups, -3), vt.repeat_interleave(groups, -3)
-    return F.scaled_dot_product_attention(qt, kt, vt).transpose(-3, -2).numpy()
+    keep = np.ones((q.shape[-3], k.shape[-3]), bool) if mask is None else np.asarray(mask)
+    if is_causal:
+        keep = keep & np.tril(np.ones((q.shape[-3], k.shape[-3]), bool))
+    bias = torch.from_numpy(np.where(keep, 0.0, -1e30).astype(np.float32))
+    return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=bias).transpose(-3, -2).numpy()
 
 
 _kernel = jax.jit(cpu_kernel.attention)
@@ -48,20 +53,44 @@ def test_kernel_matches_sdpa(q_shape, kv_shape, scale):
     np.testing.assert_allclose(got, _sdpa(q, k, v), atol=ATOL, rtol=1e-5, err_msg=f"tolerance {ATOL}")
 
 
+def _masks(kind, batch, heads, q_len, kv_len):
+    rng = np.random.default_rng(20)
+    if kind == "padding":  # [batch, 1, 1, kv]
+        return np.arange(kv_len)[None, None, None, :] < rng.integers(1, kv_len + 1, batch)[:, None, None, None]
+    if kind == "per_query":  # [batch, heads, q, kv], one row fully masked
+        mask = rng.random((batch, heads, q_len, kv_len)) < 0.6
+        mask[0, 1, 2] = False
+        return mask
+    return rng.random((q_len, kv_len)) < 0.6  # [q, kv], shared
+
+
+@pytest.mark.parametrize("kind, is_causal", [(kind, causal) for kind in ("padding", "per_query", "shared")
+                                              for causal in (False, True)] + [(None, True)])
+def test_masked_kernel_matches_sdpa(kind, is_causal):
+    """Padding, per-query (one row fully masked: uniform over every key, even causal ones)
+    and shared masks, with and without causal rows."""
+    q, k, v = _x(21, (2, 61, 4, 32)), _x(22, (2, 61, 2, 32)), _x(23, (2, 61, 2, 32))
+    mask = None if kind is None else _masks(kind, 2, 4, 61, 61)
+    got = np.asarray(jax.jit(lambda q, k, v: cpu_kernel.attention(q, k, v, mask, is_causal))(q, k, v))
+    np.testing.assert_allclose(got, _sdpa(q, k, v, mask, is_causal), atol=ATOL, rtol=1e-5)
+
+
 def test_kernel_attention_gradients_match_sdpa():
     """Differentiating `dot_product_attention(implementation="cpu_kernel")` gives torch's
     gradients (the backward is `blocked_attention`'s), and no kernel call is left in it."""
-    q, k, v, w = _x(4, (2, 30, 4, 16)), _x(5, (2, 41, 2, 16)), _x(6, (2, 41, 2, 16)), _x(7, (2, 30, 4, 16))
+    q, k, v, w = _x(4, (2, 41, 4, 16)), _x(5, (2, 41, 2, 16)), _x(6, (2, 41, 2, 16)), _x(7, (2, 41, 4, 16))
+    mask = _masks("padding", 2, 4, 41, 41)
 
-    def loss(q, k, v):
-        return jnp.sum(w * dot_product_attention(q, k, v, implementation="cpu_kernel"))
+    def loss(q, k, v, mask):
+        return jnp.sum(w * dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="cpu_kernel"))
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-    assert cpu_kernel.TARGET not in grad.lower(q, k, v).as_text()
+    assert "jaxaudio_cpu" not in grad.lower(q, k, v, mask).as_text()
     tq, tk, tv = (torch.from_numpy(a).requires_grad_() for a in (q, k, v))
+    bias = torch.from_numpy(np.where(mask & np.tril(np.ones((41, 41), bool)), 0.0, -np.inf).astype(np.float32))
     out = F.scaled_dot_product_attention(tq.transpose(1, 2), tk.transpose(1, 2).repeat_interleave(2, 1),
-                                         tv.transpose(1, 2).repeat_interleave(2, 1))
+                                         tv.transpose(1, 2).repeat_interleave(2, 1), attn_mask=bias)
     (out.transpose(1, 2) * torch.from_numpy(w)).sum().backward()
-    for name, g, t in zip("qkv", grad(q, k, v), (tq, tk, tv)):
+    for name, g, t in zip("qkv", grad(q, k, v, mask), (tq, tk, tv)):
         np.testing.assert_allclose(np.asarray(g), t.grad.numpy(), atol=1e-4, err_msg=f"d loss / d {name}")
 
 
@@ -69,21 +98,27 @@ def test_vmap_over_the_kernel():
     q, k, v = _x(8, (3, 2, 10, 2, 16)), _x(9, (3, 2, 12, 2, 16)), _x(10, (3, 2, 12, 2, 16))
     got = jax.jit(jax.vmap(cpu_kernel.attention))(q, k, v)
     np.testing.assert_allclose(np.asarray(got), _sdpa(q, k, v), atol=ATOL)
+    mask = np.random.default_rng(0).random((3, 1, 1, 12)) < 0.7  # per vmapped example
+    got = jax.jit(jax.vmap(lambda q, k, v, m: cpu_kernel.attention(q, k, v, m, True)))(q, k, v, mask)
+    want = np.stack([_sdpa(q[i], k[i], v[i], mask[i], True) for i in range(3)])
+    np.testing.assert_allclose(np.asarray(got), want, atol=ATOL)
 
 
-def test_cpu_attention_takes_the_kernel_only_without_mask_bias_or_causality(monkeypatch):
+def test_cpu_attention_takes_the_kernel_unless_a_bias_or_dropout(monkeypatch):
     q = _x(11, (1, 20, 2, 64))
 
     def hlo(**kw):
         return jax.jit(lambda q: dot_product_attention(q, q, q, **kw)).lower(q).as_text()
     assert cpu_kernel.TARGET in hlo()
-    assert cpu_kernel.TARGET not in hlo(mask=np.ones((1, 1, 1, 20), bool))
-    assert cpu_kernel.TARGET not in hlo(bias=np.zeros((1, 2, 20, 20), np.float32))
-    assert cpu_kernel.TARGET not in hlo(is_causal=True)
-    assert cpu_kernel.TARGET not in jax.jit(lambda q: dot_product_attention(q[..., :8], q[..., :8], q[..., :8])) \
+    assert cpu_kernel.MASKED_TARGET in hlo(mask=np.ones((1, 1, 1, 20), bool))
+    assert cpu_kernel.MASKED_TARGET in hlo(is_causal=True)
+    assert "jaxaudio_cpu" not in hlo(bias=np.zeros((1, 2, 20, 20), np.float32))
+    assert "jaxaudio_cpu" not in hlo(dropout_rate=0.1, dropout_rng=jax.random.PRNGKey(0))
+    assert "jaxaudio_cpu" not in hlo(mask=np.ones((3, 1, 1, 20), bool))  # does not broadcast to batch 1
+    assert "jaxaudio_cpu" not in jax.jit(lambda q: dot_product_attention(q[..., :8], q[..., :8], q[..., :8])) \
         .lower(q).as_text()  # head dim 8: not a multiple of 16
     monkeypatch.setattr(cpu_kernel, "available", lambda: False)  # e.g. no compiler
-    assert cpu_kernel.TARGET not in hlo()
+    assert "jaxaudio_cpu" not in hlo()
 
 
 def test_unsupported_operands_are_refused_by_name():
