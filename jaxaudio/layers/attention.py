@@ -2,7 +2,7 @@
 
 `MultiHeadAttention` projects queries, keys and values (fused like timm's `qkv`, or as
 separate `query`/`key`/`value` like Hugging Face), calls `dot_product_attention` (on CPU
-the C++ kernel of `cpu_kernel` for unmasked attention and our `blocked_attention` for the
+the C++ kernel of `cpu_kernel` unless there is a bias or dropout, our `blocked_attention` for the
 rest, both faster there; elsewhere `jax.nn.dot_product_attention`, with cuDNN flash
 attention on GPU when `implementation="cudnn"`), and projects back. It takes a
 boolean mask, an additive bias (relative positions), grouped key/value heads,

@@ -1,4 +1,4 @@
-// Unmasked softmax attention for x86 CPUs with AVX2 and FMA, called from JAX through
+// Softmax attention (optionally masked or causal; no additive bias) for x86 CPUs with AVX2 and FMA, called from JAX through
 // jax.ffi (built and registered by cpu_kernel.py; the gradient stays in XLA).
 //
 // Why a kernel: XLA's batched matmuls with a 64-wide contraction reach ~60 GF/s on two
