@@ -45,6 +45,8 @@ _LIMIT = flags.DEFINE_integer("limit", 0, "SALMONN --annotation: at most this ma
 _QUESTION = flags.DEFINE_string("question", None, "BAT: the question.")
 _RIR = flags.DEFINE_string("rir", None, "BAT: a binaural room impulse response .npy [2, L] to render a mono --audio.")
 flags.mark_flags_as_required(["config"])
+_FLAGS_OF = {"salmonn": (_PROMPT, _LORA_SCALE, _MAX_SECONDS, _ANNOTATION, _OUTPUT, _TASK, _LIMIT),
+             "bat": (_QUESTION, _RIR)}
 
 
 def _salmonn() -> str:
@@ -79,6 +81,12 @@ def main(argv):
     task = _CONFIG.value.get("task")
     if task not in runners:
         raise app.UsageError(f"--config is a {task!r} config; launch.infer answers with {sorted(runners)} configs")
+    # A flag of the other system would be ignored without a word; say so instead.
+    foreign = [f"--{flag.name}" for other, own in _FLAGS_OF.items() if other != task for flag in own
+               if flags.FLAGS[flag.name].present]
+    if foreign:
+        raise app.UsageError(f"{', '.join(foreign)}: not a flag for a {task} config (--config is {task}'s; "
+                             f"its flags: {', '.join('--' + f.name for f in _FLAGS_OF[task])})")
     setup_jax(False)
     try:
         print(runners[task]())

@@ -205,8 +205,11 @@ def test_infer_bad_inputs(runs, clips, tmp_path):
         ([*_args(2, d["data"], **{"model.llm.hidden_size": 64}), f"--workdir={d['stage1']}",
           f"--audio={clips['mono']}", f"--prompt={PROMPT}"],
          f"launch.infer: error: --workdir={d['stage1']} does not hold this config's SALMONN model"),
+        (["--config=configs/bat_tiny.py:2", f"--workdir={d['stage2']}", f"--audio={clips['mono']}"],
+         "BAT needs --audio and --question"),
         (["--config=configs/bat_tiny.py:2", f"--workdir={d['stage2']}", f"--audio={clips['mono']}",
-          f"--prompt={PROMPT}"], "BAT needs --audio and --question"),
+          "--question=Where?", f"--prompt={PROMPT}", "--lora_scale=2"],
+         "--prompt, --lora_scale: not a flag for a bat config"),
     ]
     for args, message in cases:
         proc = _run("launch.infer", *args)
