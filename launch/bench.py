@@ -21,9 +21,11 @@ same batch. It is a speed reference: its shapes and FLOPs match, its numbers nee
 Both front ends take an FFT (`stft_method="fft"`, the default; the original's dense
 DFT-matrix product is `--config.model.stft_method=matmul`, kept for TPUs).
 
-Each framework runs `--warmup` steps (the first compiles), then `--steps` timed steps,
-each waited for (`block_until_ready` / `cuda.synchronize`); ms/step is the median.
-PyTorch runs in a fresh spawned process with `torch.set_num_threads(os.cpu_count())`
+The two take turns, as the backbone benchmarks do (`take_turns`): `--warmup` untimed
+steps each (JAX compiles ahead of them), then `--steps` rounds of one step each, who goes
+first alternating, each step waited for (`block_until_ready` / `cuda.synchronize`), so
+that a machine's drift falls on both; ms/step is the median. PyTorch runs in a spawned
+process of its own (`TorchWorker`) with `torch.set_num_threads(os.cpu_count())`
 (`--torch_threads`). On a CPU that other processes share, torch's OpenMP threads
 degrade badly (steps several times slower and erratic) while XLA's pool degrades
 gently: the load average is printed and stored, and `--torch_threads=1` is the steadier
@@ -41,7 +43,7 @@ from typing import Any
 
 from absl import app, flags
 
-from launch.bench_backbones import BACKBONES, format_rows, run as run_backbone  # noqa: E402
+from launch.bench_backbones import BACKBONES, TorchWorker, format_rows, run as run_backbone, take_turns  # noqa: E402
 from launch.bench_beats import SIZES as BEATS, run as run_beats  # noqa: E402
 
 _MODEL = flags.DEFINE_enum("model", "spatial_ast", ["spatial_ast", "backbones", *BACKBONES, *BEATS],
@@ -91,27 +93,11 @@ def random_batch(task, batch: int, seed: int = 0) -> dict[str, Any]:
     }
 
 
-def _time_steps(step, state, warmup: int, steps: int, sync) -> tuple[Any, list[float], float]:
-    """Run `warmup` then `steps` calls of `state = step(state)`; per-step seconds of the
-    timed ones and the seconds of the first call (compilation or lazy init included)."""
-    first = None
-    for i in range(warmup):
-        t0 = time.perf_counter()
-        state = step(state)
-        sync(state)
-        if i == 0:
-            first = time.perf_counter() - t0
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        state = step(state)
-        sync(state)
-        times.append(time.perf_counter() - t0)
-    return state, times, first
-
-
 # --- JAX -----------------------------------------------------------------------------------
-def bench_jax(config, batch: int, steps: int, warmup: int, all_devices: bool) -> dict[str, Any]:
+def jax_train_step(config, batch: int, all_devices: bool):
+    """The trainer's step, compiled, on a random batch: (call, finish). `call()` runs one
+    step (waited for); `finish()` checks the last loss and returns it with the compile
+    time, FLOP counts and parameter count."""
     import flax.linen as nn
     import jax
 
@@ -144,26 +130,22 @@ def bench_jax(config, batch: int, steps: int, warmup: int, all_devices: bool) ->
     with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
         compiled = jitted.lower(state, data).compile()
     compile_s = time.perf_counter() - t0
-    flops = compiled_flops(compiled)
 
-    last = {}
+    facts = dict(compile_s=compile_s, flops_per_step=compiled_flops(compiled),
+                 analytic_flops_per_step=spatial_ast_train_flops(task.model, batch, task.samples)["total"],
+                 num_devices=int(mesh.devices.size), params=int(sum(x.size for x in jax.tree.leaves(state.params))))
+    held = {"state": state}  # the step donates its state: each call replaces it
 
-    def step(s):
-        s, metrics = compiled(s, data)
-        last["metrics"] = metrics
-        return s
+    def call():
+        held["state"], held["metrics"] = compiled(held["state"], data)
+        jax.block_until_ready(held)
 
-    def sync(s):
-        jax.block_until_ready((s, last["metrics"]))
-
-    state, times, _ = _time_steps(step, state, warmup, steps, sync)
-    loss = float(last["metrics"]["loss"])
-    if not math.isfinite(loss):
-        raise FloatingPointError(f"JAX train step produced a non-finite loss {loss}")
-    analytic = spatial_ast_train_flops(task.model, batch, task.samples)["total"]
-    return dict(times=times, compile_s=compile_s, loss=loss, flops_per_step=flops,
-                analytic_flops_per_step=analytic, num_devices=int(mesh.devices.size),
-                params=int(sum(x.size for x in jax.tree.leaves(state.params))))
+    def finish():
+        loss = float(held["metrics"]["loss"])
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"JAX train step produced a non-finite loss {loss}")
+        return dict(facts, loss=loss)
+    return call, finish
 
 
 # --- PyTorch reference ---------------------------------------------------------------------
@@ -287,9 +269,9 @@ def torch_loss(out, batch, weights):
     return sum(w * p for w, p in zip(weights, parts))
 
 
-def bench_torch(size: str, batch: int, steps: int, warmup: int, dtype: str, accelerator: bool,
-                threads: int) -> dict[str, Any]:
-    """Runs in its own process (see `main`): no JAX runtime beside it."""
+def torch_train_step(size: str, batch: int, dtype: str, accelerator: bool, threads: int):
+    """In the torch worker (`TorchWorker`, its own process: no JAX runtime beside it): the
+    reference's step on the same random batch, as (call, result)."""
     import numpy as np
     import torch
 
@@ -314,7 +296,8 @@ def bench_torch(size: str, batch: int, steps: int, warmup: int, dtype: str, acce
     autocast = dtype == "bfloat16"
     last = {}
 
-    def step(_):
+    def call():
+        t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = torch_loss(model(data["wave"]), data, weights)
@@ -322,29 +305,18 @@ def bench_torch(size: str, batch: int, steps: int, warmup: int, dtype: str, acce
         if o.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(model.parameters(), o.max_grad_norm)
         opt.step()
-        last["loss"] = loss
-        return None
-
-    def sync(_):
         if device.type == "cuda":
             torch.cuda.synchronize()
+        last["loss"] = loss
+        last.setdefault("first_s", time.perf_counter() - t0)  # lazy initialisation included
 
-    _, times, first = _time_steps(step, None, warmup, steps, sync)
-    loss = float(last["loss"].detach())
-    if not math.isfinite(loss):
-        raise FloatingPointError(f"PyTorch train step produced a non-finite loss {loss}")
-    return dict(times=times, compile_s=first, loss=loss, device=str(device), threads=torch.get_num_threads(),
-                params=int(sum(p.numel() for p in model.parameters())))
-
-
-def bench_torch_subprocess(*args) -> dict[str, Any]:
-    """`bench_torch` in a fresh spawned process. In the JAX process, XLA's CPU thread pool
-    and torch's OpenMP threads fight over the cores: torch steps get several times slower
-    and noisy. A fresh process measures torch as a torch user would run it."""
-    import concurrent.futures
-    import multiprocessing
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(bench_torch, *args).result()
+    def result():
+        loss = float(last["loss"].detach())
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"PyTorch train step produced a non-finite loss {loss}")
+        return dict(compile_s=last["first_s"], loss=loss, device=str(device), threads=torch.get_num_threads(),
+                    params=int(sum(p.numel() for p in model.parameters())))
+    return call, result
 
 
 def _torch_has_cuda() -> bool:
@@ -438,7 +410,21 @@ def main(argv):
         config.model.dtype = dtype
         print(f"[{size}] JAX {platform} ({device_kind}), {dtype}, batch {batch}: "
               f"{warmup} warmup + {steps} timed steps ...", flush=True)
-        jrow = _row(size, "jax", batch, bench_jax(config, batch, steps, warmup, _ALL_DEVICES.value))
+        jax_call, jax_finish = jax_train_step(config, batch, _ALL_DEVICES.value)
+        worker = None
+        if _TORCH.value and accel and not _torch_has_cuda():
+            print(f"[{size}] PyTorch reference skipped: JAX runs on {platform} but this torch build has no CUDA "
+                  "(a CPU torch step at accelerator batch sizes would take minutes)", flush=True)
+        elif _TORCH.value:
+            print(f"[{size}] and the PyTorch reference, batch {batch}, taking turns ...", flush=True)
+            worker = TorchWorker(torch_train_step, size, batch, dtype, accel, _TORCH_THREADS.value)
+        try:
+            jax_times, torch_times = take_turns(jax_call, worker, warmup, steps)
+            torch_result = worker.finish() if worker else None
+        finally:
+            if worker:
+                worker.close()
+        jrow = _row(size, "jax", batch, dict(jax_finish(), times=jax_times))
         rows.append(jrow)
         if jrow["flops_per_step"]:
             # Cost analysis is of one device's program; the step time is the whole mesh's.
@@ -446,13 +432,8 @@ def main(argv):
             if peak:
                 jrow["mfu"] = jrow["tflops_per_s"] * 1e12 / peak[0]
                 jrow["peak"] = peak[1]
-        if _TORCH.value and accel and not _torch_has_cuda():
-            print(f"[{size}] PyTorch reference skipped: JAX runs on {platform} but this torch build has no CUDA "
-                  "(a CPU torch step at accelerator batch sizes would take minutes)", flush=True)
-        elif _TORCH.value:
-            print(f"[{size}] PyTorch reference, batch {batch} ...", flush=True)
-            trow = _row(size, "torch", batch, bench_torch_subprocess(size, batch, steps, warmup, dtype, accel,
-                                                                     _TORCH_THREADS.value))
+        if torch_result:
+            trow = _row(size, "torch", batch, dict(torch_result, times=torch_times))
             rows.append(trow)
             jrow["ratio"] = jrow["samples_per_s"] / trow["samples_per_s"]
             summary[size] = jrow["ratio"]
