@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxaudio.features.kaldi import kaldi_fbank
-from jaxaudio.layers import MultiHeadAttention, constrain, dense, layer_norm, param
+from jaxaudio.layers import MultiHeadAttention, PatchEmbed, constrain, dense, layer_norm, param
 
 FBANK_MEAN = 15.41663  # the BEATs recipe's AudioSet fbank statistics
 FBANK_STD = 6.55582
@@ -271,10 +271,8 @@ class BEATs(nn.Module):
         p, dim, heads = self.input_patch_size, self.encoder_embed_dim, self.encoder_attention_heads
         fbank, frame_mask = beats_fbank(wave, padding_mask)
 
-        x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", use_bias=self.conv_bias,
-                    name="patch_embedding",
-                    kernel_init=param(nn.initializers.lecun_normal(), ("conv_h", "conv_w", "conv_in", "conv_out")),
-                    bias_init=param(nn.initializers.zeros, ("conv_out",)), **kw)(fbank[..., None])
+        x = PatchEmbed(self.embed_dim, p, ("conv_h", "conv_w", "conv_in", "conv_out"), use_bias=self.conv_bias,
+                       name="patch_embedding", **kw)(fbank[..., None])
         batch, tokens = x.shape[0], x.shape[1] * x.shape[2]
         x = layer_norm(EPS, name="layer_norm", **kw)(x.reshape(batch, tokens, self.embed_dim))
         if token_padding is not None:

@@ -26,7 +26,7 @@ from jaxaudio.features.binaural import binaural_features
 from jaxaudio.features.mel import mel_filterbank
 from jaxaudio.features.resize import resize_axis
 from jaxaudio.features.stft import dft_kernels
-from jaxaudio.layers import BatchNorm, PreNormBlock, constrain, dense, layer_norm, param
+from jaxaudio.layers import BatchNorm, PatchEmbed, PreNormBlock, constrain, dense, layer_norm, param
 
 
 def sincos_pos_embed_2d(embed_dim: int, grid_t: int, grid_f: int) -> np.ndarray:
@@ -166,10 +166,8 @@ class SpatialAST(nn.Module):
             x = jnp.where(keep, x, 0.0)
 
         p = self.patch_size
-        x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", name="patch_embed",
-                    kernel_init=param(nn.initializers.xavier_uniform(),
-                                      ("conv_h", "conv_w", "conv_in", "embed")),
-                    bias_init=param(nn.initializers.zeros, ("embed",)), **kw)(x)
+        x = PatchEmbed(self.embed_dim, p, ("conv_h", "conv_w", "conv_in", "embed"), name="patch_embed",
+                       kernel_init=nn.initializers.xavier_uniform(), **kw)(x)
         grid_t, grid_f = x.shape[1], x.shape[2]
         pos = self.param("pos_embed", param(lambda *_: jnp.asarray(sincos_pos_embed_2d(
             self.embed_dim, grid_t, grid_f)), ("tokens", "embed")), (grid_t * grid_f, self.embed_dim))
