@@ -43,7 +43,7 @@ from typing import Any
 
 from absl import app, flags
 
-from launch.bench_backbones import BACKBONES, TorchWorker, format_rows, run as run_backbone, take_turns  # noqa: E402
+from launch.bench_backbones import BACKBONES, format_rows, run as run_backbone, time_both  # noqa: E402
 from launch.bench_beats import SIZES as BEATS, run as run_beats  # noqa: E402
 
 _MODEL = flags.DEFINE_enum("model", "spatial_ast", ["spatial_ast", "backbones", *BACKBONES, *BEATS],
@@ -411,19 +411,16 @@ def main(argv):
         print(f"[{size}] JAX {platform} ({device_kind}), {dtype}, batch {batch}: "
               f"{warmup} warmup + {steps} timed steps ...", flush=True)
         jax_call, jax_finish = jax_train_step(config, batch, _ALL_DEVICES.value)
-        worker = None
-        if _TORCH.value and accel and not _torch_has_cuda():
+        with_torch = _TORCH.value
+        if with_torch and accel and not _torch_has_cuda():
+            with_torch = False
             print(f"[{size}] PyTorch reference skipped: JAX runs on {platform} but this torch build has no CUDA "
                   "(a CPU torch step at accelerator batch sizes would take minutes)", flush=True)
-        elif _TORCH.value:
+        elif with_torch:
             print(f"[{size}] and the PyTorch reference, batch {batch}, taking turns ...", flush=True)
-            worker = TorchWorker(torch_train_step, size, batch, dtype, accel, _TORCH_THREADS.value)
-        try:
-            jax_times, torch_times = take_turns(jax_call, worker, warmup, steps)
-            torch_result = worker.finish() if worker else None
-        finally:
-            if worker:
-                worker.close()
+        jax_times, torch_times, torch_result = time_both(
+            jax_call, torch_train_step if with_torch else None, (size, batch, dtype, accel, _TORCH_THREADS.value),
+            warmup, steps)
         jrow = _row(size, "jax", batch, dict(jax_finish(), times=jax_times))
         rows.append(jrow)
         if jrow["flops_per_step"]:

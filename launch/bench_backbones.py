@@ -281,6 +281,20 @@ def take_turns(jax_call: Callable[[], None], worker: TorchWorker | None, warmup:
     return jax_times, torch_times
 
 
+def time_both(jax_call: Callable[[], None], torch_build, torch_args: tuple, warmup: int, steps: int
+              ) -> tuple[list[float], list[float], dict[str, Any] | None]:
+    """`take_turns` between `jax_call` and the torch call a `TorchWorker` builds with
+    `torch_build(*torch_args)` (none if `torch_build` is None): the per-call seconds of
+    each and the worker's result."""
+    worker = TorchWorker(torch_build, *torch_args) if torch_build else None
+    try:
+        jax_times, torch_times = take_turns(jax_call, worker, warmup, steps)
+        return jax_times, torch_times, worker.finish() if worker else None
+    finally:
+        if worker:
+            worker.close()
+
+
 def _in_subprocess(fn, *args):
     import concurrent.futures
     import multiprocessing
@@ -293,13 +307,7 @@ def measure(name: str, batch: int, dtype: str, tokens: int, jax_parts, torch_bui
     """Time a compiled JAX forward (`jax_parts` from `compile_forward`) and, unless
     `torch_build` is None, the torch forward a `TorchWorker` builds, taking turns; a row."""
     call, facts, jax_output = jax_parts
-    worker = TorchWorker(torch_build, *torch_args) if torch_build else None
-    try:
-        jax_times, torch_times = take_turns(call, worker, warmup, steps)
-        tres = worker.finish() if worker else None
-    finally:
-        if worker:
-            worker.close()
+    jax_times, torch_times, tres = time_both(call, torch_build, torch_args, warmup, steps)
     row = dict(model=name, batch=batch, dtype=dtype, params=facts["params"], compile_s=facts["compile_s"],
                jax_ms=1e3 * statistics.median(jax_times), tokens=tokens)
     row["jax_tokens_per_s"] = tokens / (row["jax_ms"] / 1e3)
