@@ -148,6 +148,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
         if bias is None and not dropout and cpu_kernel.supports(q, k, v, mask) and cpu_kernel.available():
             implementation = "cpu_kernel"
     if implementation == "cpu_kernel":
+        if bias is not None or dropout:
+            raise ValueError("implementation='cpu_kernel' takes no additive bias and no dropout; "
+                             "use 'blocked' (or None, which chooses) for those")
         return kernel_attention(q, k, v, mask, is_causal)
     if implementation == "blocked" or dropout:
         return blocked_attention(q, k, v, mask=mask, bias=bias, is_causal=is_causal,

@@ -127,6 +127,13 @@ def test_unsupported_operands_are_refused_by_name():
         cpu_kernel.attention(q, q, q)
     with pytest.raises(ValueError, match="bfloat16"):
         cpu_kernel.attention(*(jnp.zeros((1, 4, 2, 16), jnp.bfloat16),) * 3)
+    # Asked for by name, the kernel refuses what it cannot compute rather than dropping it.
+    x = jnp.zeros((1, 4, 2, 16))
+    with pytest.raises(ValueError, match="implementation='cpu_kernel' takes no additive bias and no dropout"):
+        dot_product_attention(x, x, x, bias=jnp.zeros((1, 2, 4, 4)), implementation="cpu_kernel")
+    with pytest.raises(ValueError, match="implementation='cpu_kernel' takes no additive bias and no dropout"):
+        dot_product_attention(x, x, x, dropout_rate=0.1, dropout_rng=jax.random.PRNGKey(0),
+                              implementation="cpu_kernel")
 
 
 def test_build_caches_and_names_a_failing_compiler(tmp_path, monkeypatch):
