@@ -63,6 +63,9 @@ _TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads
 _ALL_DEVICES = flags.DEFINE_bool("all_devices", False, "Data-parallel over all devices instead of one device.")
 _PEAK = flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s per device for MFU (default: looked up for "
                            "H100/H200/A100 by device_kind; MFU is skipped on unknown devices).")
+_XLA_OPTIONS = flags.DEFINE_string(
+    "xla_options", "auto", "Backbone forwards: 'auto' compiles under each of jaxaudio.autotune's candidates for "
+    "this platform and keeps the fastest (on CPU: ynnpack, XLA's default, and eigen); or one candidate's name.")
 _JSON = flags.DEFINE_string("json", None, "Write the results here as json.")
 
 DEFAULTS = {  # (batch, steps, warmup) per size: CPU, accelerator
@@ -362,10 +365,12 @@ def main_backbones(names: list[str], dtype: str, accel: bool, peak) -> None:
               "forwards ...", flush=True)
         bench = run_beats if name in BEATS else run_backbone
         rows.append(bench(name, batch=_BATCH.value, steps=steps, warmup=warmup, dtype=dtype, accelerator=accel,
-                          torch=_TORCH.value, torch_threads=_TORCH_THREADS.value, peak=peak))
+                          torch=_TORCH.value, torch_threads=_TORCH_THREADS.value, peak=peak,
+                          xla_options=_XLA_OPTIONS.value))
     print()
     print(format_rows(rows))
-    print("ratio = PyTorch ms / JAX ms (> 1: JAX faster); max|diff| = largest output difference (same weights)")
+    print("ratio = PyTorch ms / JAX ms (> 1: JAX faster); max|diff| = largest output difference (same weights); "
+          "XLA options = the compile options used (with --xla_options=auto, each candidate's ms when tuned)")
     print(f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} CPUs")
     if _JSON.value:
         out = dict(model=_MODEL.value, device_kind=jax.devices()[0].device_kind, dtype=dtype, cpu_count=os.cpu_count(),
@@ -389,6 +394,10 @@ def main(argv):
     accel = platform != "cpu"
     dtype = _DTYPE.value or ("bfloat16" if accel else "float32")
     if _MODEL.value != "spatial_ast":
+        from jaxaudio.autotune import candidates
+        if _XLA_OPTIONS.value != "auto" and _XLA_OPTIONS.value not in candidates(platform):
+            raise app.UsageError(f"--xla_options={_XLA_OPTIONS.value}: expected auto or one of "
+                                 f"{', '.join(candidates(platform))} on {platform}")
         peak = (_PEAK.value * 1e12, f"--peak_tflops={_PEAK.value:g}") if _PEAK.value else peak_flops(device_kind, dtype)
         names = ([n for n in [*BACKBONES, *BEATS] if not n.endswith("_tiny")] if _MODEL.value == "backbones"
                  else [_MODEL.value])

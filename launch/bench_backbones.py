@@ -149,28 +149,40 @@ def save_reference(name: str, directory: str, seed: int = 0) -> None:
     model.save_pretrained(directory)
 
 
-def jax_forward(name: str, directory: str, inputs: dict[str, np.ndarray], dtype: str):
+def jax_forward(name: str, directory: str, inputs: dict[str, np.ndarray], dtype: str, xla_options: str = "auto"):
     """The converted backbone's jitted forward; see `compile_forward`."""
     from jaxaudio.convert.hf import convert_hf, hf_module
     spec = BACKBONES[name]
     variables, config = convert_hf(directory, dtype="float32")
     kwargs = dict(config["kwargs"], dtype=dtype)
     module, _ = hf_module(config["model"]).build(kwargs)
-    return compile_forward(lambda v, x: spec.jax_forward(module, v, x), variables, inputs)
+    return compile_forward(lambda v, x: spec.jax_forward(module, v, x), variables, inputs, xla_options)
 
 
-def compile_forward(fn, variables, inputs) -> tuple[Callable[[], None], dict[str, Any], Callable[[], np.ndarray]]:
+def compile_forward(fn, variables, inputs, xla_options: str = "auto"
+                    ) -> tuple[Callable[[], None], dict[str, Any], Callable[[], np.ndarray]]:
     """Compile `fn(variables, inputs)` ahead: a call that runs it once (waited for), facts
-    (compile seconds, XLA's FLOP count, parameter count) and the last (float32) output."""
+    (compile seconds, XLA's FLOP count, parameter count, the XLA option set used and the
+    candidates' ms) and the last (float32) output. `xla_options`: "auto" keeps the fastest
+    of `jaxaudio.autotune.candidates()` (`compile_fastest`), or one candidate's name."""
     import jax
     import jax.numpy as jnp
 
+    from jaxaudio.autotune import candidates, compile_fastest
     from jaxaudio.train.flops import compiled_flops
+    options = candidates()
+    if xla_options != "auto":
+        if xla_options not in options:
+            raise ValueError(f"xla_options={xla_options!r}: expected 'auto' or one of {sorted(options)} "
+                             f"on {jax.default_backend()}")
+        options = {xla_options: options[xla_options]}
     variables, x = jax.device_put(variables), jax.device_put(inputs)
     t0 = time.perf_counter()
-    compiled = jax.jit(fn).lower(variables, x).compile()
+    tuned = compile_fastest(jax.jit(fn).lower(variables, x), variables, x, options=options)
+    compiled = tuned.compiled
     facts = dict(compile_s=time.perf_counter() - t0, flops=compiled_flops(compiled),
-                 params=int(sum(a.size for a in jax.tree.leaves(variables["params"]))))
+                 params=int(sum(a.size for a in jax.tree.leaves(variables["params"]))), xla_options=tuned.name,
+                 candidate_ms={k: 1e3 * v for k, v in tuned.seconds.items()})
     out = {}
 
     def call():
@@ -309,7 +321,8 @@ def measure(name: str, batch: int, dtype: str, tokens: int, jax_parts, torch_bui
     call, facts, jax_output = jax_parts
     jax_times, torch_times, tres = time_both(call, torch_build, torch_args, warmup, steps)
     row = dict(model=name, batch=batch, dtype=dtype, params=facts["params"], compile_s=facts["compile_s"],
-               jax_ms=1e3 * statistics.median(jax_times), tokens=tokens)
+               jax_ms=1e3 * statistics.median(jax_times), tokens=tokens, xla_options=facts["xla_options"],
+               candidate_ms=facts["candidate_ms"])
     row["jax_tokens_per_s"] = tokens / (row["jax_ms"] / 1e3)
     if facts["flops"]:
         row["jax_tflops_per_s"] = facts["flops"] / (row["jax_ms"] / 1e3) / 1e12
@@ -325,7 +338,8 @@ def measure(name: str, batch: int, dtype: str, tokens: int, jax_parts, torch_bui
 
 
 def run(name: str, *, batch: int | None, steps: int, warmup: int, dtype: str, accelerator: bool,
-        torch: bool = True, torch_threads: int = 0, peak: tuple[float, str] | None = None) -> dict[str, Any]:
+        torch: bool = True, torch_threads: int = 0, peak: tuple[float, str] | None = None,
+        xla_options: str = "auto") -> dict[str, Any]:
     """Benchmark one backbone; returns a row (times in ms, ratio, tokens/s, MFU)."""
     spec = BACKBONES[name]
     batch = batch or spec.default_batch[1 if accelerator else 0]
@@ -334,19 +348,25 @@ def run(name: str, *, batch: int | None, steps: int, warmup: int, dtype: str, ac
         _in_subprocess(save_reference, name, tmp)
         input_file = os.path.join(tmp, "inputs.npz")
         np.savez(input_file, **inputs)
-        return measure(name, batch, dtype, spec.tokens(inputs), jax_forward(name, tmp, inputs, dtype),
+        return measure(name, batch, dtype, spec.tokens(inputs), jax_forward(name, tmp, inputs, dtype, xla_options),
                        torch_forward if torch else None, (name, tmp, input_file, dtype, torch_threads),
                        warmup, steps, peak)
 
 
+def _tuned(row: dict[str, Any]) -> str:
+    """The option set used, and every timed candidate's ms: "eigen (ynnpack 951, eigen 872)"."""
+    times = ", ".join(f"{k} {v:.0f}" for k, v in row.get("candidate_ms", {}).items())
+    return row.get("xla_options", "-") + (f" ({times})" if times else "")
+
+
 def format_rows(rows: list[dict[str, Any]]) -> str:
     lines = [f"{'model':<15}{'batch':>6}{'params':>10}{'JAX ms':>10}{'torch ms':>10}{'ratio':>8}"
-             f"{'tokens/s':>12}{'max|diff|':>11}{'MFU':>7}"]
+             f"{'tokens/s':>12}{'max|diff|':>11}{'MFU':>7}  XLA options"]
     for r in rows:
         torch_ms = f"{r['torch_ms']:>10.1f}" if "torch_ms" in r else f"{'-':>10}"
         ratio = f"{r['ratio']:>8.2f}" if "ratio" in r else f"{'-':>8}"
         diff = f"{r['max_abs_diff']:>11.1e}" if "max_abs_diff" in r else f"{'-':>11}"
         mfu = f"{100 * r['mfu']:>6.1f}%" if "mfu" in r else f"{'-':>7}"
         lines.append(f"{r['model']:<15}{r['batch']:>6}{r['params'] / 1e6:>9.1f}M{r['jax_ms']:>10.1f}{torch_ms}"
-                     f"{ratio}{r['jax_tokens_per_s']:>12.0f}{diff}{mfu}")
+                     f"{ratio}{r['jax_tokens_per_s']:>12.0f}{diff}{mfu}  {_tuned(r)}")
     return "\n".join(lines)

@@ -291,7 +291,7 @@ def golden_max_error(path: str) -> float:
     return float(np.max(np.abs(got.double().numpy() - g["features"].astype(np.float64))))
 
 
-def jax_forward(directory: str, wave: np.ndarray, dtype: str):
+def jax_forward(directory: str, wave: np.ndarray, dtype: str, xla_options: str = "auto"):
     """The converted BEATs' jitted forward (`compile_forward`)."""
     import flax.linen as nn
     import jax
@@ -307,7 +307,7 @@ def jax_forward(directory: str, wave: np.ndarray, dtype: str):
     source = os.path.join(directory, "beats.safetensors")
     variables = convert(load_state_dict(source), key_map(module), expected, source_name=source)
     module, _ = build(dict(kwargs, dtype=jnp.dtype(dtype)))
-    return compile_forward(lambda v, w: module.apply(v, w)[0], variables, wave)
+    return compile_forward(lambda v, w: module.apply(v, w)[0], variables, wave, xla_options)
 
 
 def torch_forward(directory: str, input_file: str, dtype: str, threads: int):
@@ -321,7 +321,8 @@ def torch_forward(directory: str, input_file: str, dtype: str, threads: int):
 
 
 def run(name: str, *, batch: int | None, steps: int, warmup: int, dtype: str, accelerator: bool,
-        torch: bool = True, torch_threads: int = 0, peak: tuple[float, str] | None = None) -> dict[str, Any]:
+        torch: bool = True, torch_threads: int = 0, peak: tuple[float, str] | None = None,
+        xla_options: str = "auto") -> dict[str, Any]:
     """Benchmark one BEATs size; a row with the keys of `bench_backbones.run`."""
     size = SIZES[name]
     batch = batch or size.default_batch[1 if accelerator else 0]
@@ -331,6 +332,6 @@ def run(name: str, *, batch: int | None, steps: int, warmup: int, dtype: str, ac
         _in_subprocess(save_reference, name, tmp)
         input_file = os.path.join(tmp, "wave.npy")
         np.save(input_file, wave)
-        return measure(name, batch, dtype, batch * num_tokens(size.cfg, samples), jax_forward(tmp, wave, dtype),
+        return measure(name, batch, dtype, batch * num_tokens(size.cfg, samples), jax_forward(tmp, wave, dtype, xla_options),
                        torch_forward if torch else None, (tmp, input_file, dtype, torch_threads),
                        warmup, steps, peak)

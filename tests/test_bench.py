@@ -48,6 +48,20 @@ def test_bench_backbone_forward_against_transformers(tmp_path):
     assert math.isclose(row["ratio"], row["torch_ms"] / row["jax_ms"], rel_tol=1e-9)
     assert row["max_abs_diff"] < 1e-4  # the same converted weights give the same logits
     assert "llama_tiny" in proc.stdout and "ratio" in proc.stdout
+    # --xla_options=auto (the default) timed every CPU candidate and kept the fastest.
+    from jaxaudio.autotune import candidates
+    assert set(row["candidate_ms"]) == set(candidates("cpu"))
+    assert row["candidate_ms"][row["xla_options"]] == min(row["candidate_ms"].values())
+    assert f"{row['xla_options']} (" in proc.stdout
+
+
+def test_bench_names_a_bad_xla_options_value():
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-m", "launch.bench", "--model=llama_tiny", "--xla_options=fastest"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "--xla_options=fastest: expected auto or one of ynnpack, eigen on cpu" in proc.stderr
 
 
 def test_bench_beats_against_own_torch_reference(tmp_path):
@@ -71,6 +85,7 @@ def test_bench_beats_against_own_torch_reference(tmp_path):
     assert math.isclose(row["jax_tokens_per_s"], row["tokens"] / (row["jax_ms"] / 1e3), rel_tol=1e-9)
     assert math.isclose(row["ratio"], row["torch_ms"] / row["jax_ms"], rel_tol=1e-9)
     assert row["max_abs_diff"] < 1e-4, f"JAX vs torch features: max abs diff {row['max_abs_diff']:.2e} >= 1e-4"
+    assert row["xla_options"] in row["candidate_ms"]
     assert "beats_tiny" in proc.stdout and "ratio" in proc.stdout
 
 
