@@ -30,11 +30,13 @@ CANDIDATES: dict[str, dict[str, dict[str, Any]]] = {
 class Tuned:
     """The fastest `compiled` program, its candidate `name`, the median seconds per call of
     every candidate that compiled (`seconds`; empty when only one did, nothing was timed),
-    and why the others were skipped (`skipped`: name -> error)."""
+    why the others were skipped (`skipped`: name -> error) and the seconds spent compiling
+    all candidates (`compile_seconds`, the timing runs not included)."""
     compiled: Any
     name: str
     seconds: dict[str, float]
     skipped: dict[str, str]
+    compile_seconds: float
 
 
 def candidates(platform: str | None = None) -> dict[str, dict[str, Any]]:
@@ -59,17 +61,19 @@ def compile_fastest(lowered: jax.stages.Lowered, *args, rounds: int = 3,
         raise ValueError(f"compile_fastest: rounds must be at least 1, got {rounds}")
     options = candidates() if options is None else options
     compiled, skipped = {}, {}
+    t0 = time.perf_counter()
     for name, opts in options.items():
         try:
             compiled[name] = lowered.compile(compiler_options=opts or None)
         except Exception as e:  # an option this jaxlib lacks: "No such compile option"
             skipped[name] = f"{type(e).__name__}: {e}"
+    compile_seconds = time.perf_counter() - t0
     if not compiled:
         raise ValueError("compile_fastest: no candidate compiled: " +
                          "; ".join(f"{k}: {v}" for k, v in skipped.items()))
     if len(compiled) == 1:
         (name, program), = compiled.items()
-        return Tuned(program, name, {}, skipped)
+        return Tuned(program, name, {}, skipped, compile_seconds)
     times = {name: [] for name in compiled}
     for program in compiled.values():
         jax.block_until_ready(program(*args))
@@ -81,4 +85,4 @@ def compile_fastest(lowered: jax.stages.Lowered, *args, rounds: int = 3,
             times[name].append(time.perf_counter() - t0)
     seconds = {name: statistics.median(t) for name, t in times.items()}
     best = min(seconds, key=seconds.get)
-    return Tuned(compiled[best], best, seconds, skipped)
+    return Tuned(compiled[best], best, seconds, skipped, compile_seconds)
