@@ -30,6 +30,7 @@ import pytest
 import torch
 import transformers
 from absl import app
+from peft_util import peft_with_random_b
 
 from jaxaudio.convert import ConversionError, flatten, save_converted
 from jaxaudio.convert.beats import convert_checkpoint
@@ -57,20 +58,13 @@ def _whisper(path: str) -> None:
 
 def _peft_llama(path: str) -> dict[str, np.ndarray]:
     """Save the tiny LLaMA; return its peft LoRA tensors (B non-zero) under SALMONN's names."""
-    from peft import LoraConfig, get_peft_model
     cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=LLM, intermediate_size=80, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
                                    rms_norm_eps=1e-6, tie_word_embeddings=False)
     torch.manual_seed(1)
     llama = transformers.LlamaForCausalLM(cfg).eval()
     llama.save_pretrained(path)
-    model = get_peft_model(llama, LoraConfig(r=RANK, lora_alpha=32, lora_dropout=0.1,
-                                             target_modules=["q_proj", "v_proj"]))
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():  # PEFT starts B at zero, which would hide a wrong layout
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    model = peft_with_random_b(llama, r=RANK, alpha=32, dropout=0.1, targets=["q_proj", "v_proj"], seed=2, scale=0.3)
     out = {f"llama_model.{k}": v.numpy().copy() for k, v in model.state_dict().items() if "lora_" in k}
     assert len(out) == 2 * 2 * 2 and LORA.format(1, "v", "B") in out
     return out

@@ -31,6 +31,7 @@ import pytest
 import torch
 import transformers
 from ml_collections import ConfigDict
+from peft_util import peft_with_random_b  # tests/ is on sys.path
 
 from configs import spatial_ast_tiny
 from convert.test_spatial_ast_convert import original_state_dict  # tests/ is on sys.path
@@ -92,7 +93,6 @@ def _redraw(model: torch.nn.Module, seed: int) -> None:
 
 
 def _peft_llama(path: str):
-    from peft import LoraConfig, get_peft_model
     cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=96, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
                                    rms_norm_eps=1e-5, tie_word_embeddings=False)
@@ -100,14 +100,7 @@ def _peft_llama(path: str):
     llama = transformers.LlamaForCausalLM(cfg).eval()
     _redraw(llama, 1)
     llama.save_pretrained(path)
-    model = get_peft_model(llama, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05,
-                                             target_modules=["q_proj", "v_proj"]))
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():  # PEFT starts B at zero, which would hide a wrong layout
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    return model.eval()
+    return peft_with_random_b(llama, r=8, alpha=32, dropout=0.05, targets=["q_proj", "v_proj"], seed=2, scale=0.3)
 
 
 @pytest.fixture(scope="module")

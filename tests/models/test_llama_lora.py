@@ -9,6 +9,7 @@ compared the same way. Tolerance: fp32, max abs error <= 1e-4.
 import numpy as np
 import pytest
 import torch
+from peft_util import peft_with_random_b
 
 from jaxaudio.convert.hf import convert_hf
 from jaxaudio.convert.llama import MODULE_NAMES
@@ -35,16 +36,9 @@ def base(tmp_path_factory):
 
 
 def _peft_model(base, targets, seed, r=4, alpha=8.0):
-    from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
     model = LlamaForCausalLM.from_pretrained(base["path"]).eval()
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    return peft_model.eval()
+    return peft_with_random_b(model, r=r, alpha=alpha, targets=targets, seed=seed, scale=0.2)
 
 
 def _torch_logits(model, ids):
