@@ -178,6 +178,8 @@ def compile_forward(fn, variables, inputs, xla_options: str = "auto"
         options = {xla_options: options[xla_options]}
     variables, x = jax.device_put(variables), jax.device_put(inputs)
     tuned = compile_fastest(jax.jit(fn).lower(variables, x), variables, x, options=options)
+    for name, error in tuned.skipped.items():
+        print(f"  XLA option set {name} {options[name]} did not compile, skipped: {error}", flush=True)
     compiled = tuned.compiled
     facts = dict(compile_s=tuned.compile_seconds, flops=compiled_flops(compiled),
                  params=int(sum(a.size for a in jax.tree.leaves(variables["params"]))), xla_options=tuned.name,

@@ -113,3 +113,18 @@ def test_torch_worker_reports_its_failure():
     from launch.bench_backbones import TorchWorker, torch_forward
     with pytest.raises(RuntimeError, match="no_such_backbone"):
         TorchWorker(torch_forward, "no_such_backbone", "/nonexistent", "/nonexistent.npz", "float32", 1)
+
+
+def test_compile_forward_says_which_option_set_was_skipped(monkeypatch, capsys):
+    """An option set that does not compile is named on stdout; the others are still timed."""
+    import numpy as np
+
+    import jaxaudio.autotune as autotune
+    from launch.bench_backbones import compile_forward
+    monkeypatch.setitem(autotune.CANDIDATES, "cpu", {"plain": {}, "bogus": {"xla_no_such_option": 1}})
+    variables = {"params": {"w": np.eye(4, dtype=np.float32)}}
+    call, facts, output = compile_forward(lambda v, x: v["params"]["w"] @ x, variables, np.ones((4, 2), np.float32))
+    call()
+    np.testing.assert_array_equal(output(), np.ones((4, 2), np.float32))
+    assert facts["xla_options"] == "plain" and facts["candidate_ms"] == {}
+    assert "XLA option set bogus {'xla_no_such_option': 1} did not compile, skipped" in capsys.readouterr().out
