@@ -5,10 +5,10 @@ reachable through the `xla_cpu_experimental_ynn_fusion_type` option. Neither win
 on a 2-core EPYC (AVX2) Eigen runs the BAT Q-Former's `[4120, 768] x [768, 768]` context
 projections 15-45% faster and the whole Q-Former forward 5-13% faster, while YNNPACK is 3-8%
 faster on the LLaMA and Whisper-base forwards (on LLaMA's `[1024, 768] x [768, 2048]` MLP
-GEMM by a third). Which one a program wants depends on its GEMM shapes and on the CPU, so, like XLA's
-GPU GEMM autotuner, `compile_fastest` compiles the program under each candidate, runs each
-on the real arguments and keeps the faster. On GPU and TPU there is one candidate and
-nothing is timed.
+GEMM by a third). Which one a program wants depends on its GEMM shapes and on the CPU, so,
+like XLA's GPU GEMM autotuner, `compile_fastest` compiles the program under each candidate,
+runs each on the real arguments and keeps the faster. On GPU and TPU there is one
+candidate and nothing is timed.
 """
 
 from __future__ import annotations
@@ -42,6 +42,18 @@ class Tuned:
 def candidates(platform: str | None = None) -> dict[str, dict[str, Any]]:
     """The candidate option sets for `platform` (default: the default backend's)."""
     return CANDIDATES.get(platform or jax.default_backend(), {"default": {}})
+
+
+def select(name: str, platform: str | None = None) -> dict[str, dict[str, Any]]:
+    """`name` "auto": every candidate of `platform`; a candidate's name: that one alone.
+    Anything else is a ValueError that lists the names."""
+    options = candidates(platform)
+    if name == "auto":
+        return options
+    if name not in options:
+        raise ValueError(f"expected auto or one of {', '.join(options)} on {platform or jax.default_backend()}, "
+                         f"got {name!r}")
+    return {name: options[name]}
 
 
 def compile_fastest(lowered: jax.stages.Lowered, *args, rounds: int = 3,

@@ -394,10 +394,11 @@ def main(argv):
     accel = platform != "cpu"
     dtype = _DTYPE.value or ("bfloat16" if accel else "float32")
     if _MODEL.value != "spatial_ast":
-        from jaxaudio.autotune import candidates
-        if _XLA_OPTIONS.value != "auto" and _XLA_OPTIONS.value not in candidates(platform):
-            raise app.UsageError(f"--xla_options={_XLA_OPTIONS.value}: expected auto or one of "
-                                 f"{', '.join(candidates(platform))} on {platform}")
+        from jaxaudio.autotune import select
+        try:
+            select(_XLA_OPTIONS.value, platform)
+        except ValueError as e:
+            raise app.UsageError(f"--xla_options={_XLA_OPTIONS.value}: {e}") from None
         peak = (_PEAK.value * 1e12, f"--peak_tflops={_PEAK.value:g}") if _PEAK.value else peak_flops(device_kind, dtype)
         names = ([n for n in [*BACKBONES, *BEATS] if not n.endswith("_tiny")] if _MODEL.value == "backbones"
                  else [_MODEL.value])

@@ -168,14 +168,9 @@ def compile_forward(fn, variables, inputs, xla_options: str = "auto"
     import jax
     import jax.numpy as jnp
 
-    from jaxaudio.autotune import candidates, compile_fastest
+    from jaxaudio.autotune import compile_fastest, select
     from jaxaudio.train.flops import compiled_flops
-    options = candidates()
-    if xla_options != "auto":
-        if xla_options not in options:
-            raise ValueError(f"xla_options={xla_options!r}: expected 'auto' or one of {sorted(options)} "
-                             f"on {jax.default_backend()}")
-        options = {xla_options: options[xla_options]}
+    options = select(xla_options)
     variables, x = jax.device_put(variables), jax.device_put(inputs)
     tuned = compile_fastest(jax.jit(fn).lower(variables, x), variables, x, options=options)
     for name, error in tuned.skipped.items():
@@ -356,8 +351,8 @@ def run(name: str, *, batch: int | None, steps: int, warmup: int, dtype: str, ac
 
 def _tuned(row: dict[str, Any]) -> str:
     """The option set used, and every timed candidate's ms: "eigen (ynnpack 951, eigen 872)"."""
-    times = ", ".join(f"{k} {v:.0f}" for k, v in row.get("candidate_ms", {}).items())
-    return row.get("xla_options", "-") + (f" ({times})" if times else "")
+    times = ", ".join(f"{k} {v:.0f}" for k, v in row["candidate_ms"].items())
+    return row["xla_options"] + (f" ({times})" if times else "")
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:

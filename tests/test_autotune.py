@@ -60,3 +60,12 @@ def test_bad_arguments_are_refused(operands):
         compile_fastest(donating, *operands)
     with pytest.raises(ValueError, match="rounds must be at least 1, got 0"):
         compile_fastest(jax.jit(_matmul_gelu).lower(*operands), *operands, rounds=0)
+
+
+def test_select_names_the_choices():
+    from jaxaudio.autotune import select
+    assert select("auto", "cpu") == candidates("cpu")
+    assert select("eigen", "cpu") == {"eigen": candidates("cpu")["eigen"]}
+    assert select("default", "gpu") == {"default": {}}
+    with pytest.raises(ValueError, match="expected auto or one of ynnpack, eigen on cpu, got 'fastest'"):
+        select("fastest", "cpu")
