@@ -51,6 +51,23 @@ class TextTokenizer:
             return [self.hf.encode(t, add_special_tokens=False) for t in texts]
         return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
 
+    def encode_padded(self, texts: Sequence[str], max_len: int) -> tuple["np.ndarray", "np.ndarray"]:
+        """BERT/RoBERTa-style encoder input: `[BOS] text [EOS]` cut to `max_len` (EOS kept, as
+        a truncating Hugging Face tokenizer call does), right-padded with the pad id.
+
+        Returns `(ids [n, max_len] int32, mask [n, max_len] int32)`, mask 1 on real tokens.
+        """
+        import numpy as np
+        if max_len < 2:
+            raise ValueError(f"max_len={max_len}: needs room for BOS and EOS")
+        ids = np.full((len(texts), max_len), self.pad_id, np.int32)
+        mask = np.zeros((len(texts), max_len), np.int32)
+        for row, tokens in enumerate(self.encode(texts)):
+            seq = [self.bos_id, *tokens[:max_len - 2], self.eos_id]
+            ids[row, :len(seq)] = seq
+            mask[row, :len(seq)] = 1
+        return ids, mask
+
     def decode(self, ids: Sequence[int]) -> str:
         """Generated ids -> text, up to the first EOS, special tokens dropped."""
         ids = [int(i) for i in ids]

@@ -1,4 +1,5 @@
-"""Optimizer: AdamW, warmup + cosine, layer-wise lr decay, clipping, frozen parameters.
+"""Optimizer: AdamW, warmup + cosine, layer-wise lr decay, clipping, frozen parameters,
+parameters kept inside a range (`optim.clamp`: CLAP's logit scales).
 
 What trains is chosen by regex over '/'-joined parameter paths (`optim.trainable`,
 `optim.frozen`); frozen parameters go through `optax.set_to_zero()` inside
@@ -56,6 +57,40 @@ def scale_by_tree(scales: Any) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
+def clamp_params(bounds: Any) -> optax.GradientTransformation:
+    """Turn each update into one that leaves its parameter inside `(lo, hi)` (a tree like the
+    params; None leaves are untouched): the functional form of PyTorch's in-place
+    `param.clamp_(lo, hi)` after `optimizer.step()` (LAION-CLAP's logit scales)."""
+    masked = optax.transforms.MaskedNode
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("clamp_params needs the parameters")
+
+        def one(u, p, b):
+            if isinstance(u, masked) or b is None:
+                return u
+            return jnp.clip(p + u, b[0], b[1]) - p
+        return jax.tree.map(one, updates, params, bounds, is_leaf=lambda x: isinstance(x, masked) or x is None), state
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def clamp_bounds(cfg: ConfigDict, params: Any) -> Any | None:
+    """`optim.clamp` (`((regex, lo, hi), ...)` over '/'-joined paths) as a tree of bounds, or
+    None when nothing is clamped. A regex that matches no parameter is an error."""
+    rules = [(re.compile(r), float(lo), float(hi)) for r, lo, hi in (cfg.get("clamp") or ())]
+    if not rules:
+        return None
+    paths = list(flatten(params))
+    for pattern, lo, hi in rules:
+        if lo > hi:
+            raise ValueError(f"config.optim.clamp: {pattern.pattern!r} has lo={lo} > hi={hi}")
+        if not any(pattern.fullmatch(p) for p in paths):
+            raise ValueError(f"config.optim.clamp: {pattern.pattern!r} matches no parameter; "
+                             f"paths look like {sorted(paths)[:5]}")
+    return path_labels(params, lambda p: next(((lo, hi) for r, lo, hi in rules if r.fullmatch(p)), None))
+
+
 def trainable_mask(cfg: ConfigDict, params: Any) -> Any:
     """A tree like `params`: True where `optim.trainable` matches the path and `optim.frozen`
     does not."""
@@ -86,6 +121,9 @@ def make_optimizer(cfg: ConfigDict, params: Any, layer_scale: Callable[[str], fl
         scale_by_tree(scales),
         optax.scale_by_learning_rate(schedule),
     )
+    bounds = clamp_bounds(cfg, params)
+    if bounds is not None:
+        adamw = optax.chain(adamw, clamp_params(bounds))
     return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels), schedule
 
 
