@@ -8,6 +8,9 @@
     python -m launch.convert --source=path/to/save_pretrained_dir --output=converted/llama [--model=llama]
     # checkpoints that carry their config (BEATs: cfg + model + label_dict)
     python -m launch.convert --model=beats --source=BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt --output=converted/beats
+    # an original LAION-CLAP checkpoint (sizes from --amodel; --enable_fusion must match the file)
+    python -m launch.convert --model=clap_laion --source=630k-audioset-fusion-best.pt --enable_fusion \
+        --output=converted/clap   # --amodel=HTSAT-base for the music_* checkpoints
     # BAT from its three parts: --source (or --bat) is BAT's model.pt; the LLM's sizes come from
     # its config.json, the rest are the original's
     python -m launch.convert --model=bat --source=BAT/model.pt --spatial_ast=SpatialAST/finetuned.pth \
@@ -83,7 +86,8 @@ DTYPES = ("float32", "bfloat16")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file whose `model` section sizes the model "
                                           "(not needed for Hugging Face checkpoints).", lock_config=True)
 _MODEL = flags.DEFINE_enum("model", None,
-                           sorted(CONVERTERS) + sorted(HF_MODELS) + sorted(SELF_DESCRIBING) + ["bat", "salmonn"],
+                           sorted(CONVERTERS) + sorted(HF_MODELS) + sorted(SELF_DESCRIBING)
+                           + ["bat", "salmonn", "clap_laion"],
                            "Which model's key map (default: config.task, or config.json's model_type).")
 _SOURCE = flags.DEFINE_string("source", None, "Weights file, directory, or Hugging Face hub id (org/name).")
 _OUTPUT = flags.DEFINE_string("output", None, "Directory for the converted checkpoint.")
@@ -101,6 +105,10 @@ flags.register_multi_flags_validator(
     # --model=salmonn names every missing path itself (`salmonn_sources`)
     lambda f: bool(f["source"] or (f["model"] == "bat" and f["bat"]) or f["model"] == "salmonn"),
     "--source is required (for --model=bat: --bat, or --source)")
+_ENABLE_FUSION = flags.DEFINE_bool("enable_fusion", False, "--model=clap_laion: the checkpoint is a fused one "
+                                   "(*-fusion-best.pt); must match the file (LAION-AI/CLAP#113).")
+_AMODEL = flags.DEFINE_enum("amodel", "HTSAT-tiny", ["HTSAT-tiny", "HTSAT-base"],
+                            "--model=clap_laion: audio tower size.")
 _LLAMA = flags.DEFINE_string("llama", None, "--model=bat: the Hugging Face LLaMA-2 directory.")
 _WHISPER = flags.DEFINE_string("whisper", None, "--model=salmonn: the Hugging Face Whisper directory.")
 _BEATS = flags.DEFINE_string("beats", None, "--model=salmonn: the BEATs checkpoint (.pt), or 'none' for a SALMONN "
@@ -224,6 +232,18 @@ def run_salmonn(whisper: str, beats: str | None, vicuna: str, salmonn: str, outp
                  config["source_tensors"], model="salmonn")
 
 
+def run_clap_laion(source: str, output: str, enable_fusion: bool, amodel: str = "HTSAT-tiny", dtype: str = "float32",
+                   allow_pickle: bool = False, **sizes: Any) -> dict[str, Any]:
+    """Convert an original LAION-CLAP checkpoint (`jaxaudio.convert.clap.convert_laion`;
+    `sizes`: its `audio`/`text`/`projection_dim` overrides) and write it to `output`;
+    `jaxaudio.convert.hf.load_pretrained(output)` reads the result back."""
+    from jaxaudio.convert.clap import convert_laion
+    path = resolve_source(source)
+    variables, config = convert_laion(path, enable_fusion=enable_fusion, amodel=amodel, dtype=dtype,
+                                      allow_pickle=allow_pickle, **sizes)
+    return _save(output, variables, config, path, config["source_tensors"], model="clap")
+
+
 def salmonn_sources(whisper: str | None, beats: str | None, vicuna: str | None,
                     salmonn: str | None) -> tuple[str, str | None, str, str]:
     """The four `--model=salmonn` paths (`--beats=none`: no BEATs); a missing one is a usage error."""
@@ -251,6 +271,9 @@ def main(argv):
         elif model_name == "salmonn":
             paths = salmonn_sources(_WHISPER.value, _BEATS.value, _VICUNA.value, _SALMONN.value or _SOURCE.value)
             s = run_salmonn(*paths, _OUTPUT.value, _DTYPE.value, _ALLOW_PICKLE.value)
+        elif model_name == "clap_laion":
+            s = run_clap_laion(_SOURCE.value, _OUTPUT.value, _ENABLE_FUSION.value, _AMODEL.value, _DTYPE.value,
+                               _ALLOW_PICKLE.value)
         elif model_name is None or model_name in HF_MODELS or model_name in SELF_DESCRIBING:
             s = run_hf(_SOURCE.value, _OUTPUT.value, model_name, _DTYPE.value, _ALLOW_PICKLE.value)
             model_name = s["model"]

@@ -28,6 +28,7 @@ HF_MODELS = {
     "llama": "jaxaudio.convert.llama",
     "ast": "jaxaudio.convert.ast",
     "qformer": "jaxaudio.convert.qformer",
+    "clap": "jaxaudio.convert.clap",
 }
 # Original checkpoints that carry their own config (module with `convert_checkpoint` and `build`).
 SELF_DESCRIBING = {
