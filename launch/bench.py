@@ -5,6 +5,7 @@ BEATs against a PyTorch BEATs of our own (`launch/bench_beats.py`).
     python -m launch.bench --model=backbones --steps=5            # whisper, bert, llama, ast forwards
     python -m launch.bench --model=llama_100m --batch=8
     python -m launch.bench --model=beats --steps=3 --warmup=1
+    python -m launch.bench --model=clap       # CLAP towers vs transformers, index search vs faiss, build
     python -m launch.bench --model=spatial_ast --size=tiny --batch=8 --steps=10 --warmup=2
     python -m launch.bench --size=both --steps=3 --warmup=1 --json=/tmp/bench.json
     python -m launch.bench --size=full --batch=64 --dtype=bfloat16 --notorch     # on a GPU
@@ -46,9 +47,15 @@ from absl import app, flags
 from launch.bench_backbones import BACKBONES, format_rows, run as run_backbone, time_both  # noqa: E402
 from launch.bench_beats import SIZES as BEATS, run as run_beats  # noqa: E402
 
-_MODEL = flags.DEFINE_enum("model", "spatial_ast", ["spatial_ast", "backbones", *BACKBONES, *BEATS],
+CLAP_PARTS = ("clap", "clap_search", "clap_build")
+_MODEL = flags.DEFINE_enum("model", "spatial_ast", ["spatial_ast", "backbones", *BACKBONES, *BEATS, *CLAP_PARTS],
                            "spatial_ast: the train step; backbones (all) or one backbone: the forward pass "
-                           "(beats: against our own PyTorch BEATs, launch/bench_beats.py).")
+                           "(beats: against our own PyTorch BEATs, launch/bench_beats.py); clap: its two towers "
+                           "(clap_audio, clap_text), index search against faiss (clap_search) and the index "
+                           "build rate (clap_build), launch/bench_index.py.")
+_INDEX_SIZES = flags.DEFINE_list("index_sizes", ["100000", "1000000"], "clap_search: database rows (512-d).")
+_QUERIES = flags.DEFINE_integer("queries", 256, "clap_search: queries per search call.")
+_BUILD_CLIPS = flags.DEFINE_integer("build_clips", 32, "clap_build: 10 s clips to index.")
 _SIZE = flags.DEFINE_enum("size", "tiny", ["tiny", "full", "both"],
                           "tiny = configs/spatial_ast_tiny.py, full = configs/spatial_ast.py (ViT-B, 10 s clips).")
 _BATCH = flags.DEFINE_integer("batch", None, "Global batch size (default: tiny 8, full 2 on CPU / 32 on accelerators).")
@@ -381,6 +388,37 @@ def main_backbones(names: list[str], dtype: str, accel: bool, peak) -> None:
         print(f"wrote {_JSON.value}")
 
 
+def main_clap(parts: tuple[str, ...], dtype: str, accel: bool, peak) -> None:
+    """`--model=clap`: the towers (as the backbones), then search against faiss, then the build rate."""
+    import jax
+
+    from launch import bench_index
+    out: dict[str, Any] = {}
+    if "towers" in parts:
+        main_backbones(["clap_audio", "clap_text"], dtype, accel, peak)
+    if "search" in parts:
+        rows = []
+        for n in (int(x) for x in _INDEX_SIZES.value):
+            print(f"[search] {n} x 512 rows, {_QUERIES.value} queries, k=10: jaxaudio vs faiss IndexFlatIP ...",
+                  flush=True)
+            rows.append(bench_index.search_row(n, queries=_QUERIES.value, steps=_STEPS.value or 5,
+                                               warmup=max(1, _WARMUP.value or 1), faiss=_TORCH.value))
+        print()
+        print(bench_index.format_search(rows))
+        print("ratio = faiss ms / JAX ms (> 1: JAX faster); overlap = agreement of the two top-10 sets")
+        out["search"] = rows
+    if "build" in parts:
+        print(f"[build] {_BUILD_CLIPS.value} clips of 10 s through an original-size CLAP ...", flush=True)
+        row = bench_index.build_row(_BUILD_CLIPS.value, _BATCH.value)
+        print(f"index build: {row['clips_per_s']:.2f} clips/s ({row['clips']} clips of {row['clip_seconds']:.0f} s, "
+              f"batch {row['batch']}, {row['device']}, reading + features + HTSAT-tiny forward + writing)")
+        out["build"] = row
+    if _JSON.value and out:
+        with open(_JSON.value if "towers" not in parts else _JSON.value + ".index.json", "w") as f:
+            json.dump(dict(out, device_kind=jax.devices()[0].device_kind, cpu_count=os.cpu_count(),
+                           jax_version=jax.__version__), f, indent=2)
+
+
 def main(argv):
     del argv
     import jax
@@ -393,6 +431,11 @@ def main(argv):
     device_kind = jax.devices()[0].device_kind
     accel = platform != "cpu"
     dtype = _DTYPE.value or ("bfloat16" if accel else "float32")
+    if _MODEL.value in CLAP_PARTS:
+        parts = {"clap": ("towers", "search", "build"), "clap_search": ("search",), "clap_build": ("build",)}
+        peak = (_PEAK.value * 1e12, f"--peak_tflops={_PEAK.value:g}") if _PEAK.value else peak_flops(device_kind, dtype)
+        main_clap(parts[_MODEL.value], dtype, accel, peak)
+        return
     if _MODEL.value != "spatial_ast":
         from jaxaudio.autotune import select
         try:

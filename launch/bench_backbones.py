@@ -105,6 +105,17 @@ def _qformer(layers, cross_every, encoder_width, queries, frames, default_batch)
         default_batch)
 
 
+def _clap_config():
+    from transformers import ClapConfig
+    return ClapConfig()  # laion/clap-htsat-unfused's sizes: HTSAT-tiny + RoBERTa-base, 512-d joint space
+
+
+def _clap_audio_inputs(b, rng):
+    # dB-scale log-mels of 10 s at 48 kHz (1001 frames x 64 bins), one channel (unfused).
+    mel = (rng.standard_normal((b, 1, 1001, 64)) * 20 - 40).astype(np.float32)
+    return {"input_features": mel, "is_longer": np.zeros((b, 1), bool)}
+
+
 BACKBONES: dict[str, Backbone] = {
     "whisper_base": _whisper(512, 6, 8),
     "whisper_small": _whisper(768, 12, 12),
@@ -129,6 +140,18 @@ BACKBONES: dict[str, Backbone] = {
         lambda x: x["input_values"].shape[0] * 1214,
         lambda module, v, x: module.apply(v, x["input_values"])["last_hidden_state"],
         lambda model, x: model(input_values=x["input_values"]).last_hidden_state, (1, 16)),
+    # CLAP's two towers through `get_{audio,text}_features` (projected, L2-normalised); tokens
+    # are HTSAT's 64 x 64 first-stage patches per clip and the 77 text positions.
+    "clap_audio": Backbone(
+        "ClapModel", _clap_config, _clap_audio_inputs, lambda x: x["input_features"].shape[0] * 4096,
+        lambda module, v, x: module.apply(v, x["input_features"], x["is_longer"][:, 0], method="audio_features"),
+        lambda model, x: model.get_audio_features(input_features=x["input_features"],
+                                                  is_longer=x["is_longer"]).pooler_output, (8, 64)),
+    "clap_text": Backbone(
+        "ClapModel", _clap_config, _ids(50265, 77), lambda x: x["input_ids"].size,
+        lambda module, v, x: module.apply(v, x["input_ids"], x["attention_mask"], method="text_features"),
+        lambda model, x: model.get_text_features(input_ids=x["input_ids"],
+                                                 attention_mask=x["attention_mask"]).pooler_output, (32, 256)),
 }
 
 
