@@ -128,3 +128,22 @@ def test_compile_forward_says_which_option_set_was_skipped(monkeypatch, capsys):
     np.testing.assert_array_equal(output(), np.ones((4, 2), np.float32))
     assert facts["xla_options"] == "plain" and facts["candidate_ms"] == {}
     assert "XLA option set bogus {'xla_no_such_option': 1} did not compile, skipped" in capsys.readouterr().out
+
+
+def test_bench_clap_search_against_faiss(tmp_path):
+    """`--model=clap_search`: the index search and faiss IndexFlatIP on the same database agree."""
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.bench", "--model=clap_search", "--index_sizes=3000,5000", "--queries=16",
+         "--steps=2", "--warmup=1", f"--json={out}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["search"]
+    assert [r["n"] for r in rows] == [3000, 5000]
+    for r in rows:
+        assert r["topk_overlap"] == 1.0 and r["max_score_diff"] < 1e-5
+        assert r["jax_qps"] > 0 and r["faiss_qps"] > 0
+        assert math.isclose(r["ratio"], r["faiss_ms"] / r["jax_ms"], rel_tol=1e-9)
+    assert "faiss ms" in proc.stdout
