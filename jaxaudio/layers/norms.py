@@ -45,6 +45,11 @@ class BatchNorm(nn.Module):
     `momentum` is PyTorch's (weight of the new batch).
 
     Input `[..., channels]`; statistics live in the `batch_stats` collection.
+
+    `mask` (training only; broadcastable to `x.shape[:-1]`, True = counts) takes the batch
+    statistics from the masked positions alone, as PyTorch does when the layer runs on a
+    gathered subset of rows (CLAP's fusion block sees only the clips flagged longer); with
+    no position masked the running statistics stay as they are.
     """
     eps: float = 1e-5
     momentum: float = 0.1
@@ -53,19 +58,27 @@ class BatchNorm(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
         c = x.shape[-1]
         mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
         var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
         xf = x.astype(jnp.float32)
         if train:
             axes = tuple(range(x.ndim - 1))
-            n = xf.size // c
-            m = jnp.mean(xf, axes)
-            v = jnp.mean(jnp.square(xf - m), axes)
+            if mask is None:
+                n = xf.size // c
+                m = jnp.mean(xf, axes)
+                v = jnp.mean(jnp.square(xf - m), axes)
+                unbiased, update = v * n / max(n - 1, 1), True
+            else:
+                w = jnp.broadcast_to(jnp.asarray(mask, jnp.float32), x.shape[:-1])[..., None]
+                n = jnp.sum(w)
+                m = jnp.sum(xf * w, axes) / jnp.maximum(n, 1.0)
+                v = jnp.sum(jnp.square(xf - m) * w, axes) / jnp.maximum(n, 1.0)
+                unbiased, update = v * n / jnp.maximum(n - 1, 1.0), n > 0
             if not self.is_initializing():
-                mean.value = (1 - self.momentum) * mean.value + self.momentum * m
-                var.value = (1 - self.momentum) * var.value + self.momentum * v * n / max(n - 1, 1)
+                mean.value = jnp.where(update, (1 - self.momentum) * mean.value + self.momentum * m, mean.value)
+                var.value = jnp.where(update, (1 - self.momentum) * var.value + self.momentum * unbiased, var.value)
         else:
             m, v = mean.value, var.value
         y = (xf - m) * jax.lax.rsqrt(v + self.eps)

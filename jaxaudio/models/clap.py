@@ -177,13 +177,15 @@ class _AttentionBranch(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, z: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, z: jax.Array, train: bool, rows: jax.Array | None = None) -> jax.Array:
+        """`rows [batch]` (True = the row takes part): the BatchNorms' training statistics."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         c = z.shape[-1]
+        mask = None if rows is None else rows.reshape(rows.shape + (1,) * (z.ndim - 2))
         z = dense(self.inter, ("embed", "mlp"), name="conv1", **kw)(z)
-        z = nn.relu(BatchNorm(name="bn1", **kw)(z, train))
+        z = nn.relu(BatchNorm(name="bn1", **kw)(z, train, mask))
         z = dense(c, ("mlp", "embed"), name="conv2", **kw)(z)
-        return BatchNorm(name="bn2", **kw)(z, train)
+        return BatchNorm(name="bn2", **kw)(z, train, mask)
 
 
 class AFFBlock(nn.Module):
@@ -195,13 +197,17 @@ class AFFBlock(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, global_: jax.Array, local: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, global_: jax.Array, local: jax.Array, train: bool = False,
+                 rows: jax.Array | None = None) -> jax.Array:
+        """`rows [batch]`: the rows HF runs the block on (the others' outputs are discarded);
+        in training only they give the BatchNorm statistics."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         inter = int(global_.shape[-1] // self.reduction)
 
         xa = global_ + local
-        local_att = _AttentionBranch(inter, name="local_att", **kw)(xa, train)
-        global_att = _AttentionBranch(inter, name="global_att", **kw)(xa.mean(axis=(1, 2), keepdims=True), train)
+        local_att = _AttentionBranch(inter, name="local_att", **kw)(xa, train, rows)
+        global_att = _AttentionBranch(inter, name="global_att", **kw)(xa.mean(axis=(1, 2), keepdims=True), train,
+                                                                      rows)
         w = jax.nn.sigmoid(local_att + global_att)
         return 2 * global_ * w + 2 * local * (1 - w)
 
@@ -215,9 +221,9 @@ class ClapPatchEmbed(nn.Module):
     the three are laid side by side, zero-padded to the grid width and fused with the
     global embedding by the AFF block, for the rows where `is_longer` is set. Every row
     computes both paths (static shapes under jit) and `jnp.where` picks; in eval mode
-    (BatchNorm on running statistics) that equals HF's gather-and-scatter of those rows.
-    In training the AFF's BatchNorm statistics come from every row, where HF takes only
-    the `is_longer` ones.
+    (BatchNorm on running statistics) that equals HF's gather-and-scatter of those rows,
+    and in training the AFF's BatchNorms take their statistics from those rows only, as
+    HF's (no row longer: the statistics stay).
     """
     embed_dim: int
     patch: int
@@ -242,8 +248,8 @@ class ClapPatchEmbed(nn.Module):
             local = local.reshape(b, crops, gh, gw, -1).transpose(0, 2, 1, 3, 4).reshape(b, gh, crops * gw, -1)
             width = x.shape[2]
             local = jnp.pad(local, ((0, 0), (0, 0), (0, max(0, width - local.shape[2])), (0, 0)))[:, :, :width]
-            fused = AFFBlock(self.aff_block_r, name="fusion_model", **kw)(x, local, train)
             longer = (jnp.zeros((b,), bool) if is_longer is None else jnp.asarray(is_longer).reshape(b).astype(bool))
+            fused = AFFBlock(self.aff_block_r, name="fusion_model", **kw)(x, local, train, longer)
             x = jnp.where(longer[:, None, None, None], fused, x)
         if self.enable_norm:
             x = layer_norm(TORCH_LN_EPS, name="norm", **kw)(x)

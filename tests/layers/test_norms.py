@@ -127,3 +127,19 @@ def test_layer_norm_eps_matters():
     wrong = torch.nn.LayerNorm(16, eps=1e-5)(torch.from_numpy(x)).detach().numpy()
     np.testing.assert_allclose(y, ref, atol=ATOL)
     assert np.max(np.abs(y - wrong)) > 1e-2
+
+
+def test_batchnorm_mask_takes_statistics_from_the_masked_rows_like_torch_on_the_subset():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((5, 3, 2, 4)).astype(np.float32) * 2 + 1
+    rows = np.array([True, False, True, True, False])
+    bn = BatchNorm()
+    variables = bn.init(jax.random.PRNGKey(0), jnp.asarray(x), False)
+    out, upd = bn.apply(variables, jnp.asarray(x), True, jnp.asarray(rows)[:, None, None], mutable=["batch_stats"])
+    ref = torch.nn.BatchNorm2d(4).train()
+    want = ref(torch.from_numpy(x[rows]).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).detach().numpy()
+    np.testing.assert_allclose(np.asarray(out)[rows], want, atol=1e-5)
+    np.testing.assert_allclose(upd["batch_stats"]["mean"], ref.running_mean.numpy(), atol=1e-6)
+    np.testing.assert_allclose(upd["batch_stats"]["var"], ref.running_var.numpy(), atol=1e-6)
+    _, none = bn.apply(variables, jnp.asarray(x), True, jnp.zeros((5, 1, 1), bool), mutable=["batch_stats"])
+    np.testing.assert_array_equal(none["batch_stats"]["var"], variables["batch_stats"]["var"])  # untouched

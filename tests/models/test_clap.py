@@ -234,3 +234,37 @@ def test_unsupported_config_is_named(checkpoints, tmp_path):
         convert_hf(_edited_copy(checkpoints["fused"][0], tmp_path / "a", "audio_config", fusion_type="channel_map"))
     with pytest.raises(ConversionError, match="hidden_size=32"):
         convert_hf(_edited_copy(checkpoints["fused"][0], tmp_path / "b", "audio_config", hidden_size=32))
+
+
+def test_fused_training_mode_matches_transformers(checkpoints, converted):
+    """Training mode, fused, `is_longer` mixed: the audio embeddings and every updated BatchNorm
+    statistic equal HF's, whose fusion block (and its BatchNorms) sees only the longer rows."""
+    directory, _, _ = checkpoints["fused"]
+    variables, config = converted["fused"]
+    model = transformers.ClapModel.from_pretrained(directory)
+    for m in model.modules():  # dropout off: only the BatchNorms differ between the modes
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    model.train()
+    features, _, _ = inputs(True, seed=7)
+    longer = np.array([True, False, True])  # torch's BatchNorm needs 2+ rows in training
+    with torch.no_grad():
+        want = model.get_audio_features(input_features=torch.from_numpy(features),
+                                        is_longer=torch.from_numpy(longer)[:, None]).pooler_output.numpy()
+    audio = {**config["kwargs"]["audio"], "dropout": 0.0, "attention_dropout": 0.0, "drop_path_rate": 0.0}
+    module = Clap(**{**config["kwargs"], "audio": audio})
+    got, updates = jax.jit(lambda v, x, lo: module.apply(v, x, lo, train=True, mutable=["batch_stats"],
+                                                        rngs={"dropout": jax.random.PRNGKey(0)},
+                                                        method="audio_features"))(
+        variables, jnp.asarray(features), jnp.asarray(longer))
+    _check("fused audio_embeds, train mode", got, want)
+    stats = updates["batch_stats"]["audio"]
+    state = model.state_dict()
+    for ours, theirs in (("batch_norm", "batch_norm"),
+                         ("patch_embed/fusion_model/local_att/bn1", "patch_embed.fusion_model.local_att.1"),
+                         ("patch_embed/fusion_model/global_att/bn2", "patch_embed.fusion_model.global_att.5")):
+        node = functools.reduce(lambda d, k: d[k], ours.split("/"), stats)
+        prefix = f"audio_model.audio_encoder.{theirs}."
+        np.testing.assert_allclose(node["mean"], state[prefix + "running_mean"].numpy(), atol=1e-5, err_msg=ours)
+        np.testing.assert_allclose(node["var"], state[prefix + "running_var"].numpy(), atol=1e-5, rtol=1e-5,
+                                   err_msg=ours)
