@@ -51,7 +51,7 @@ import soundfile as sf
 from jaxaudio.data.audio import AudioError, load_audio
 from jaxaudio.data.manifest import read_manifest, write_json_atomic
 from jaxaudio.retrieval.index import (
-    NORM_TOLERANCE, ClapIndex, ClapIndexError, build_identity, header_difference)
+    NORM_TOLERANCE, ClapIndex, ClapIndexError, _fsync_dir, build_identity, header_difference)
 
 _LOG = logging.getLogger(__name__)
 
@@ -198,19 +198,6 @@ def _read_clip(path: str, sample_rate: int):
     except AudioError as e:
         return None, e
     return x.mean(axis=0).astype(np.float32), rate
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # -- the partial folder ------------------------------------------------------------------

@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxaudio.data.manifest import _jsonable
+
 FORMAT = "jaxaudio-clap-index"
 VERSION = 1
 EMBEDDINGS_FILE = "embeddings.safetensors"
@@ -389,14 +391,6 @@ class ClapIndex:
                                  f"{header.get('dim')}, {EMBEDDINGS_FILE} has {emb.shape[1]}")
         _check_rows(emb, os.path.join(directory, EMBEDDINGS_FILE))
         return cls(emb, records, header, directory=directory)
-
-
-def _jsonable(v):
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    raise TypeError(f"{type(v).__name__} is not JSON serializable")
 
 
 def _read_header(path: str) -> dict:
