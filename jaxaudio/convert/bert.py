@@ -14,9 +14,23 @@ import numpy as np
 
 from jaxaudio.convert.engine import ConversionError, Ignore, KeyMap, Rule, linear
 from jaxaudio.convert.hf import hf_field
+from jaxaudio.convert.peft import ModuleNames
 from jaxaudio.models.bert import Bert
 
 HF_MODEL_TYPES = ("bert",)
+
+# LoRA-adaptable layers (`convert/peft.py`), named as in the task models (`BertForMaskedLM`,
+# `BertForTokenClassification`: the encoder under `bert.`). AudioBERT adapts query/key/value.
+# PEFT's `target_modules=["dense"]` would also wrap the MLM head's transform, which is not
+# listed here: such an adapter is refused with that key named.
+MODULE_NAMES = ModuleNames((
+    ("layers_{n}/attention/query", "bert.encoder.layer.{n}.attention.self.query"),
+    ("layers_{n}/attention/key", "bert.encoder.layer.{n}.attention.self.key"),
+    ("layers_{n}/attention/value", "bert.encoder.layer.{n}.attention.self.value"),
+    ("layers_{n}/attention/out", "bert.encoder.layer.{n}.attention.output.dense"),
+    ("layers_{n}/intermediate", "bert.encoder.layer.{n}.intermediate.dense"),
+    ("layers_{n}/output", "bert.encoder.layer.{n}.output.dense"),
+))
 
 # architectures[0] -> (head, pooler)
 ARCHITECTURES = {
