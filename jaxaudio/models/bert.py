@@ -66,11 +66,15 @@ class BertEmbeddings(nn.Module):
                  position_ids: jax.Array, deterministic: bool) -> jax.Array:
         """ids `[batch, len]` (or embeds `[batch, len, hidden]`) -> `[batch, len, hidden]`."""
         if inputs_embeds is None:
-            inputs_embeds = jnp.take(self.word_embeddings, input_ids, axis=0)
+            inputs_embeds = self.words(input_ids)
         x = inputs_embeds.astype(self.dtype)
         x = x + jnp.take(self.token_type_embeddings, token_type_ids, axis=0).astype(self.dtype)
         x = x + jnp.take(self.position_embeddings, position_ids, axis=0).astype(self.dtype)
         return self.drop(self.norm(x), deterministic=deterministic)
+
+    def words(self, input_ids: jax.Array) -> jax.Array:
+        """The word embeddings alone: `[batch, len]` -> `[batch, len, hidden]` (param dtype)."""
+        return jnp.take(self.word_embeddings, input_ids, axis=0)
 
     def attend(self, h: jax.Array) -> jax.Array:
         """`[..., hidden] -> [..., vocab]` through the transposed word embeddings."""
@@ -155,6 +159,7 @@ class Bert(nn.Module):
     `__call__(input_ids [batch, len] or inputs_embeds [batch, len, hidden],
     attention_mask [batch, len] (1 = attend), token_type_ids, position_ids [batch, len])`
     -> `BertOutputs`. Training (`deterministic=False`) needs the rng `dropout`.
+    `embed(input_ids)` runs the embedding module alone (AudioBERT's first pass).
     """
     vocab_size: int = 30522
     hidden_size: int = 768
@@ -178,7 +183,9 @@ class Bert(nn.Module):
     @nn.compact
     def __call__(self, input_ids: jax.Array | None = None, attention_mask: jax.Array | None = None,
                  token_type_ids: jax.Array | None = None, position_ids: jax.Array | None = None,
-                 inputs_embeds: jax.Array | None = None, deterministic: bool = True) -> BertOutputs:
+                 inputs_embeds: jax.Array | None = None, deterministic: bool = True,
+                 _embed: str | None = None) -> BertOutputs:
+        # `_embed` ("words" / "full"): stop at the embedding module (see `embed`).
         if self.head not in HEADS:
             raise ValueError(f"Bert: head={self.head!r}; choose one of {HEADS}")
         if (input_ids is None) == (inputs_embeds is None):
@@ -197,7 +204,11 @@ class Bert(nn.Module):
 
         embeddings = BertEmbeddings(self.vocab_size, self.hidden_size, self.max_position_embeddings,
                                     self.type_vocab_size, self.eps, self.dropout, name="embeddings", **kw)
+        if _embed == "words":
+            return BertOutputs(last_hidden_state=embeddings.words(input_ids))
         x = embeddings(input_ids, inputs_embeds, token_type_ids, position_ids, deterministic)
+        if _embed is not None:
+            return BertOutputs(last_hidden_state=x)
         mask = None if attention_mask is None else attention_mask[:, None, None, :].astype(bool)
         for i in range(self.num_layers):
             x = BertLayer(self.hidden_size, self.num_heads, self.intermediate_size, self.hidden_act, self.eps,
@@ -217,3 +228,14 @@ class Bert(nn.Module):
             logits = dense(self.num_labels, ("embed", "classes"), name="classifier", **kw)(h)
         return BertOutputs(last_hidden_state=x, pooler_output=pooled,
                            logits=None if logits is None else logits.astype(jnp.float32))
+
+    def embed(self, input_ids: jax.Array, token_type_ids: jax.Array | None = None,
+              position_ids: jax.Array | None = None, deterministic: bool = True,
+              words_only: bool = False) -> jax.Array:
+        """The embedding module alone, with the parameters `__call__` uses (`embeddings/...`):
+        `input_ids [batch, len]` -> `[batch, len, hidden]`, word + position + token-type
+        embeddings, LayerNorm and dropout (Hugging Face's `bert.embeddings(input_ids)`), or
+        with `words_only` the word embeddings alone (`bert.embeddings.word_embeddings`).
+        AudioBERT overwrites rows of it and passes the result back as `inputs_embeds`."""
+        return self(input_ids, token_type_ids=token_type_ids, position_ids=position_ids,
+                    deterministic=deterministic, _embed="words" if words_only else "full").last_hidden_state

@@ -169,3 +169,69 @@ def golden_state_dict(npz) -> Dict[str, np.ndarray]:
     return recipe_state_dict(
         [str(k) for k in npz["keys"]], decode_shapes(npz["shapes"]), int(npz["seed"])
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# audiobert_pitch_tiny.npz (tests/models/test_audiobert.py::test_original_pitch_model_golden)
+# ---------------------------------------------------------------------------------------------
+
+AUDIOBERT_PITCH_TINY = """How ``audiobert_pitch_tiny.npz`` was made.
+
+* Original code: https://github.com/HJ-Ok/AudioBERT at commit
+  4fc71aee2dd209093614d80dcc0b2428f8c51bf2 (4fc71ae, HEAD of the local mirror), exported with
+  ``git -C /work/.mirror/HJ-Ok+AudioBERT/repo archive 4fc71ae model/AudioBERT | tar -x -C
+  /work/golden_src/audiobert/orig``. Files used, unedited: ``model/AudioBERT/sound_pitch/model.py``
+  (``AK_BERT``) and ``model/AudioBERT/sound_pitch/dataloader.py`` (``QA_dataset``,
+  ``dynamic_padding_collate_fn``). Nothing of the original is in this repository.
+* Generator: ``/work/golden_src/audiobert/make_golden.py`` (outside this repository), run as
+  ``cd /work/golden_src/audiobert && python make_golden.py OUT.npz`` with torch 2.13.0+cpu,
+  transformers 5.25.0, peft 0.21.2, numpy 2.4.6, librosa 0.11.0, CPU float32,
+  ``torch.set_num_threads(2)``; two runs give identical arrays. Patches: none to the original
+  files. The sound_pitch files import no Habana module. The hub names are replaced by the
+  constructor arguments: ``AK_BERT(language_model_path=<dir>/tiny_bert,
+  audio_model_path=<dir>/tiny_ast, tokenizer=..., lora_r=4, lora_alpha=8, lora_dropout=0.01)``.
+  Neither path contains "large", so the original's ``Linear(768, 1024)`` is unused and is not
+  stored. The torchvision stand-in of ``launch/torch_compat.py`` is installed before
+  transformers and peft are imported.
+* Tokenizer: ``BertTokenizerFast`` over a 43-entry lower-case WordPiece ``vocab.txt``, stored as
+  ``vocab``: [PAD] 0, [UNK], [CLS] 2, [SEP] 3, [MASK] 4, punctuation, then the sentences' words
+  including "lower"/"higher" and "##ing"/"##s". ``resize_token_embeddings(len(tokenizer))`` is a
+  no-op because the sizes match.
+* Weights: ``BertForMaskedLM(BertConfig(vocab 43, hidden 32, 2 layers, 4 heads, intermediate
+  64, max_position_embeddings 64, gelu))`` and ``ASTModel(ASTConfig(hidden 32, 2 layers, 4
+  heads, intermediate 64, max_length 48, num_mel_bins 32, patch 16, strides 10))``, each with
+  every parameter redrawn from ``torch.Generator().manual_seed(1)`` (BERT) and ``(2)`` (AST) as
+  ``0.2 * N(0, 1)``, or ``1 + 0.2 * N(0, 1)`` for LayerNorm scales. Both are saved with
+  ``save_pretrained`` and loaded by ``AK_BERT`` itself. peft's ``get_peft_model`` runs inside
+  ``AK_BERT``, with ``torch.manual_seed(3)`` before the constructor for lora_A. Afterwards
+  every ``lora_B`` is set to ``0.2 * N(0, 1)`` from ``torch.Generator().manual_seed(4)``,
+  because PEFT starts B at zero. ``model.eval()``.
+* Inputs: four pitch rows (sentence, answer, span1, span2) run through the original
+  ``QA_dataset``, which lower-cases, builds "[CLS]"+text+"[SEP]" and finds span positions from
+  the offsets. Row 3's span2 ("a small tuba") is not in its sentence, so it falls back to the
+  last token. Row 4's span1 ("church bell") is not in its sentence, so it falls back to 0.
+  ``first_token_pos`` is [[5, 16], [4, 12], [2, 12], [0, 12]]. The batch is then collated by
+  ``dynamic_padding_collate_fn`` with ``ASTFeatureExtractor(num_mel_bins=32, max_length=48)``:
+  ids are right-padded with 0 to 19, and the padding is attended to because no mask reaches
+  BERT. Clips are 16 kHz wav files written with soundfile: ``0.5 sin(2 pi f t)`` plus
+  ``0.05 N(0, 1)`` (``np.random.default_rng(10 i + j)``). One clip has 320 samples, which the
+  original pads to 500.
+* Forward, as trainer.py's ``validate`` calls it: ``model(audio_features_1, audio_features_2,
+  first_token_pos, input_ids, targets=labels)`` under ``torch.no_grad()``.
+
+Arrays: ``state/<key>``: the weights. BERT is under the original's ``state_dict()`` names,
+``language_enc.base_model.model.bert...`` (``...query.base_layer.weight``,
+``...query.lora_A.default.weight``). AST is under ``audio_enc.<key>`` in the transformers
+on-disk (``save_pretrained``) layout, taken from ``model.audio_enc.save_pretrained``, because
+transformers 5 renames AST's modules in memory; the re-loaded copy gives bit-identical hidden
+states. ``bert_config``, ``ast_config`` (config.json texts) and ``lora_config`` (PEFT
+adapter_config fields) are JSON strings. ``vocab`` [43]. ``input_ids``, ``attention_mask``,
+``labels`` int64 [4, 19]. ``first_token_pos`` int64 [4, 2]. ``audio_1``, ``audio_2`` float32
+[4, 48, 32] (the extractor's ``input_values``). ``logits`` [4, 19, 43]. ``loss`` (the
+BertForMaskedLM loss with ``labels``). ``predicted_token_id`` [4] (the lower/higher argmax at
+[MASK]).
+
+The animal twin (``animal_sound/model.py``) raises NameError at HEAD
+(``expanded_mean_audio_embs_1`` is undefined) and was not run. It would be the same path with
+one slot.
+"""
