@@ -20,6 +20,12 @@
     python -m launch.convert --model=salmonn --whisper=whisper-large-v2 \
         --beats=BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt --vicuna=vicuna-13b-v1.1 \
         --salmonn=salmonn_v1.pth --output=converted/salmonn   # --beats=none: speech only
+    # AudioBERT: bert-base-uncased (a BertForMaskedLM folder) + the AST folder (its AudioSet head
+    # is dropped) [+ the original's *_LORA.pt, rank 64; without it the adapters start fresh]
+    # [+ the retrieval CLAP to OUTPUT/clap: a ClapModel folder, or a LAION .pt with --enable_fusion]
+    python -m launch.convert --model=audiobert --bert=bert-base-uncased \
+        --ast=ast-finetuned-audioset-10-10-0.4593 --lora=weights/audio-bert_42_LORA.pt \
+        --clap=clap-htsat-fused --output=converted/audiobert
 
 `--source` is a weights file, a directory holding one (safetensors, a sharded
 `model.safetensors.index.json`, or a torch `.bin`/`.pth`), or a Hugging Face hub id
@@ -87,7 +93,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file whose `mo
                                           "(not needed for Hugging Face checkpoints).", lock_config=True)
 _MODEL = flags.DEFINE_enum("model", None,
                            sorted(CONVERTERS) + sorted(HF_MODELS) + sorted(SELF_DESCRIBING)
-                           + ["bat", "salmonn", "clap_laion"],
+                           + ["audiobert", "bat", "salmonn", "clap_laion"],
                            "Which model's key map (default: config.task, or config.json's model_type).")
 _SOURCE = flags.DEFINE_string("source", None, "Weights file, directory, or Hugging Face hub id (org/name).")
 _OUTPUT = flags.DEFINE_string("output", None, "Directory for the converted checkpoint.")
@@ -102,11 +108,11 @@ _SALMONN = flags.DEFINE_string("salmonn", None, "--model=salmonn: salmonn_v1.pth
                                "LoRA), instead of --source.")
 flags.register_multi_flags_validator(
     ["source", "bat", "salmonn", "model"],
-    # --model=salmonn names every missing path itself (`salmonn_sources`)
-    lambda f: bool(f["source"] or (f["model"] == "bat" and f["bat"]) or f["model"] == "salmonn"),
+    # --model=salmonn / audiobert name every missing path themselves (`salmonn_sources`, `run_audiobert`)
+    lambda f: bool(f["source"] or (f["model"] == "bat" and f["bat"]) or f["model"] in ("salmonn", "audiobert")),
     "--source is required (for --model=bat: --bat, or --source)")
-_ENABLE_FUSION = flags.DEFINE_bool("enable_fusion", False, "--model=clap_laion: the checkpoint is a fused one "
-                                   "(*-fusion-best.pt); must match the file (LAION-AI/CLAP#113).")
+_ENABLE_FUSION = flags.DEFINE_bool("enable_fusion", False, "--model=clap_laion (and --clap=X.pt): the checkpoint is "
+                                   "a fused one (*-fusion-best.pt); must match the file (LAION-AI/CLAP#113).")
 _AMODEL = flags.DEFINE_enum("amodel", "HTSAT-tiny", ["HTSAT-tiny", "HTSAT-base"],
                             "--model=clap_laion: audio tower size.")
 _LLAMA = flags.DEFINE_string("llama", None, "--model=bat: the Hugging Face LLaMA-2 directory.")
@@ -114,6 +120,13 @@ _WHISPER = flags.DEFINE_string("whisper", None, "--model=salmonn: the Hugging Fa
 _BEATS = flags.DEFINE_string("beats", None, "--model=salmonn: the BEATs checkpoint (.pt), or 'none' for a SALMONN "
                              "without BEATs.")
 _VICUNA = flags.DEFINE_string("vicuna", None, "--model=salmonn: the Hugging Face Vicuna/LLaMA directory.")
+_BERT = flags.DEFINE_string("bert", None, "--model=audiobert: the Hugging Face BertForMaskedLM directory.")
+_AST = flags.DEFINE_string("ast", None, "--model=audiobert: the Hugging Face AST directory (ASTModel or "
+                           "ASTForAudioClassification).")
+_LORA = flags.DEFINE_string("lora", None, "--model=audiobert: the original's *_LORA.pt (rank 64); without it the "
+                            "adapters start fresh in training.")
+_CLAP = flags.DEFINE_string("clap", None, "--model=audiobert: also convert the retrieval CLAP (a Hugging Face "
+                            "ClapModel directory, or a LAION .pt with --enable_fusion as the file) to OUTPUT/clap.")
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 _HUB_PATTERNS = ["*.safetensors", "*.json", "*.bin", "*.pth", "*.pt", "*.ckpt"]
@@ -244,6 +257,50 @@ def run_clap_laion(source: str, output: str, enable_fusion: bool, amodel: str = 
     return _save(output, variables, config, path, config["source_tensors"], model="clap")
 
 
+def run_audiobert(bert: str | None, ast: str | None, output: str, lora_pt: str | None = None,
+                  clap: str | None = None, enable_fusion: bool = False, amodel: str = "HTSAT-tiny",
+                  dtype: str = "float32", allow_pickle: bool = False, clap_sizes: dict[str, Any] | None = None,
+                  **options: Any) -> dict[str, Any]:
+    """Convert AudioBERT's BERT + AST (+ `lora_pt`) (`jaxaudio.convert.audiobert.convert_audiobert`;
+    `options`: its `lora`/`injection`/`gate`) and write it to `output`; with `clap`, the
+    retrieval CLAP too, to `output/clap` (a Hugging Face ClapModel folder through `run_hf`, a
+    LAION `.pt` through `run_clap_laion` with `enable_fusion`/`amodel`/`clap_sizes`). Nothing
+    is written unless both convert. `jaxaudio.convert.hf.load_pretrained` reads either back;
+    the summary holds the CLAP's under "clap"."""
+    from jaxaudio.convert import ConversionError
+    from jaxaudio.convert.audiobert import convert_audiobert
+    from jaxaudio.convert.hf import read_hf_config
+    if not (bert and ast):
+        raise app.UsageError("--model=audiobert needs --bert (a BertForMaskedLM folder) and --ast (an AST folder)")
+    for flag, value in (("bert", bert), ("ast", ast), ("lora", lora_pt), ("clap", clap)):
+        if value and not os.path.exists(value) and (flag == "lora" or not looks_like_hub_id(value)):
+            raise ConversionError(f"--{flag}={value}: no such {'file' if flag == 'lora' else 'file or folder'}")
+    clap_path = resolve_source(clap) if clap else None
+    if clap_path and not os.path.isfile(clap_path):  # a Hugging Face folder: check it before writing anything
+        hf = read_hf_config(clap_path)
+        if hf.get("model_type") != "clap":
+            raise ConversionError(f"--clap={clap}: config.json has model_type={hf.get('model_type')!r}; the retrieval "
+                                  "CLAP is a ClapModel folder (laion/clap-htsat-fused) or a LAION .pt")
+        if enable_fusion and not (hf.get("audio_config") or {}).get("enable_fusion", False):
+            raise ConversionError(f"--clap={clap}: --enable_fusion was given, but this ClapModel is unfused "
+                                  "(audio_config.enable_fusion is false in its config.json)")
+    variables, config = convert_audiobert(resolve_source(bert), resolve_source(ast), lora_pt, dtype=dtype,
+                                          allow_pickle=allow_pickle, **options)
+    clap_summary = None
+    if clap_path:
+        clap_out = os.path.join(output, "clap")
+        if os.path.isfile(clap_path):  # an original LAION checkpoint
+            clap_summary = run_clap_laion(clap_path, clap_out, enable_fusion, amodel, dtype, allow_pickle,
+                                          **(clap_sizes or {}))
+        else:
+            clap_summary = run_hf(clap_path, clap_out, "clap", dtype, allow_pickle)
+    summary = _save(output, variables, config, ", ".join(v for v in config["sources"].values() if v),
+                    config["source_tensors"], model="audiobert", fresh=config.get("fresh"))
+    if clap_summary is not None:
+        summary["clap"] = clap_summary
+    return summary
+
+
 def salmonn_sources(whisper: str | None, beats: str | None, vicuna: str | None,
                     salmonn: str | None) -> tuple[str, str | None, str, str]:
     """The four `--model=salmonn` paths (`--beats=none`: no BEATs); a missing one is a usage error."""
@@ -271,6 +328,9 @@ def main(argv):
         elif model_name == "salmonn":
             paths = salmonn_sources(_WHISPER.value, _BEATS.value, _VICUNA.value, _SALMONN.value or _SOURCE.value)
             s = run_salmonn(*paths, _OUTPUT.value, _DTYPE.value, _ALLOW_PICKLE.value)
+        elif model_name == "audiobert":
+            s = run_audiobert(_BERT.value, _AST.value, _OUTPUT.value, _LORA.value, _CLAP.value, _ENABLE_FUSION.value,
+                              _AMODEL.value, _DTYPE.value, _ALLOW_PICKLE.value)
         elif model_name == "clap_laion":
             s = run_clap_laion(_SOURCE.value, _OUTPUT.value, _ENABLE_FUSION.value, _AMODEL.value, _DTYPE.value,
                                _ALLOW_PICKLE.value)
@@ -285,10 +345,17 @@ def main(argv):
     except ConversionError as e:
         print(f"convert: {e}", file=sys.stderr)
         sys.exit(1)
+    _print_summary(model_name, s, _DTYPE.value)
+    if s.get("clap"):
+        _print_summary("clap", s["clap"], _DTYPE.value)
+
+
+def _print_summary(model_name: str, s: dict[str, Any], dtype: str) -> None:
     collections = ", ".join(f"{k} {n}" for k, n in s["collections"].items())
+    fresh = f"\n  left to the trainer's init (config.json fresh): {s['fresh']}" if s.get("fresh") else ""
     print(f"converted {model_name} from {s['source']} ({s['source_tensors']} source tensors)\n"
-          f"  {s['tensors']} tensors ({collections}), {s['parameters']:,} parameters ({_DTYPE.value}), "
-          f"{s['bytes'] / 2**20:.1f} MiB\n"
+          f"  {s['tensors']} tensors ({collections}), {s['parameters']:,} parameters ({dtype}), "
+          f"{s['bytes'] / 2**20:.1f} MiB{fresh}\n"
           f"  wrote {s['output']}")
 
 

@@ -35,7 +35,8 @@ SELF_DESCRIBING = {
     "beats": "jaxaudio.convert.beats",
 }
 # Everything `load_pretrained` can rebuild from a saved config (module with `build(kwargs)`).
-BUILDERS = {**SELF_DESCRIBING, "bat": "jaxaudio.convert.bat", "salmonn": "jaxaudio.convert.salmonn"}
+BUILDERS = {**SELF_DESCRIBING, "bat": "jaxaudio.convert.bat", "salmonn": "jaxaudio.convert.salmonn",
+            "audiobert": "jaxaudio.convert.audiobert"}
 DTYPES = {"float32": np.float32, "bfloat16": "bfloat16"}
 
 
