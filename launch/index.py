@@ -103,8 +103,10 @@ def query() -> str:
     lines = []
     for label, hits in zip(labels, index.results(indices, scores)):
         lines.append(label)
-        lines += [f"  {i + 1}. {h['score']:.4f}  {h['audio']}" + (f"  ({h['caption']})" if h.get("caption") else "")
-                  for i, h in enumerate(hits)]
+        for i, h in enumerate(hits):
+            caption = h.get("caption")
+            caption = caption[0] if isinstance(caption, list) and caption else caption
+            lines.append(f"  {i + 1}. {h['score']:.4f}  {h['audio']}" + (f"  ({caption})" if caption else ""))
     return "\n".join(lines)
 
 

@@ -13,6 +13,8 @@
         --audio=clip.wav --question="Where is the sound coming from, and how far away is it?"
     python -m launch.infer --config=configs/bat.py:3 --checkpoint=converted/bat \
         --audio=mono.wav --rir=binaural/scene/0.npy --question="..."
+    python -m launch.infer --config=configs/audiobert_tiny.py:animal --workdir=workdir/audiobert_tiny/animal \
+        --text="Kvip-kvip is the sound a [MASK] makes."
 
 `--workdir` is a training run (its latest checkpoint); `--checkpoint` a converted model
 (`launch/convert.py --model=salmonn|bat`), which carries its own sizes. The config gives
@@ -20,7 +22,8 @@ the tokenizer, the text limits and the decoding settings (`eval.num_beams`,
 `eval.max_new_tokens`). SALMONN: the first channel of the file, padded to 1 s, read up
 to --max_seconds (the config's `data.max_seconds`; more than 30 s -> several Whisper
 windows); --lora_scale discounts the adapters (alpha / r = 4 in the original). BAT: a
-2-channel file as it is, or a mono one rendered through --rir.
+2-channel file as it is, or a mono one rendered through --rir. AudioBERT: a sentence with a
+[MASK]; prints the detected spans, the clips they retrieved and the filled sentence.
 """
 import sys
 
@@ -44,9 +47,10 @@ _TASK = flags.DEFINE_string("task", "audio_story_telling", "SALMONN --annotation
 _LIMIT = flags.DEFINE_integer("limit", 0, "SALMONN --annotation: at most this many clips (0: all).")
 _QUESTION = flags.DEFINE_string("question", None, "BAT: the question.")
 _RIR = flags.DEFINE_string("rir", None, "BAT: a binaural room impulse response .npy [2, L] to render a mono --audio.")
+_TEXT = flags.DEFINE_string("text", None, "AudioBERT: a sentence with a [MASK] to fill.")
 flags.mark_flags_as_required(["config"])
 _FLAGS_OF = {"salmonn": (_PROMPT, _LORA_SCALE, _MAX_SECONDS, _ANNOTATION, _OUTPUT, _TASK, _LIMIT),
-             "bat": (_QUESTION, _RIR)}
+             "bat": (_QUESTION, _RIR), "audiobert": (_TEXT,)}
 
 
 def _salmonn() -> str:
@@ -73,11 +77,20 @@ def _bat() -> str:
     return f"question: {_QUESTION.value.strip()}\nanswer: {text}"
 
 
+def _audiobert() -> str:
+    from jaxaudio.infer import audiobert
+    if _TEXT.value is None:
+        raise app.UsageError("AudioBERT needs --text (a sentence with a [MASK])")
+    if not _WORKDIR.value:
+        raise app.UsageError("AudioBERT answers from a training run: pass --workdir")
+    return audiobert.format_result(audiobert.run(_CONFIG.value, _WORKDIR.value, _TEXT.value))
+
+
 def main(argv):
     del argv
     if bool(_WORKDIR.value) == bool(_CHECKPOINT.value):
         raise app.UsageError("pass exactly one of --workdir or --checkpoint")
-    runners = {"salmonn": _salmonn, "bat": _bat}
+    runners = {"salmonn": _salmonn, "bat": _bat, "audiobert": _audiobert}
     task = _CONFIG.value.get("task")
     if task not in runners:
         raise app.UsageError(f"--config is a {task!r} config; launch.infer answers with {sorted(runners)} configs")

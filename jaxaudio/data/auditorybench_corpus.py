@@ -62,7 +62,7 @@ from jaxaudio.data.sources import SOURCE_CLASSES
 
 _LOG = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 SPLITS = ("train", "dev", "test")
 
 # Answer animal -> the sound family of its creatures (all different).
@@ -95,9 +95,10 @@ PITCH_TEMPLATES = (
     "The sound of {x} typically has a [MASK] pitch than the sound of {y}.",
     "The sound of {x} has a [MASK] pitch than the sound of {y}.",
 )
+# The last of each: AudioBERT's retrieval query, a span + " sound" (the original's form).
 ANIMAL_CAPTIONS = ("a {ono} sound", "the sound of {a_name}", "{a_name} going {ono}",
-                   "the {ono} of {a_name}")
-PITCH_CAPTIONS = ("the sound of {a_name}", "a {name} sound")
+                   "the {ono} of {a_name}", "{ono} sound", "{name} sound")
+PITCH_CAPTIONS = ("the sound of {a_name}", "a {name} sound", "{name} sound")
 
 # Pitch sources: f0 drawn log-uniformly here; a family per source.
 PITCH_RANGE_HZ = (150.0, 2500.0)

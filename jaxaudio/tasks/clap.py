@@ -244,22 +244,31 @@ class CLAPTask(Task):
 
     # --- data --------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        """Generate the captioned corpus and train the tokenizer on its captions, unless both exist."""
+        """Generate the captioned corpus (`data.corpus`: "clap", the captioned procedural sounds,
+        or "auditorybench", AudioBERT's invented sound sources) and train the tokenizer on its
+        captions, unless both exist."""
         d = self.config.data
         if not d.generate:
             return
-        from jaxaudio.data.clap_corpus import ensure_clap_corpus
-        ensure_clap_corpus(d.root, d.num_train, d.num_eval, d.seed, sample_rate=self.settings.sample_rate,
-                           clip_seconds=d.clip_seconds, num_workers=d.num_workers)
+        corpus = d.get("corpus", "clap")
+        if corpus == "auditorybench":
+            from jaxaudio.data.auditorybench_corpus import ensure_auditorybench_corpus
+            ensure_auditorybench_corpus(d.root, seed=d.seed)
+        elif corpus == "clap":
+            from jaxaudio.data.clap_corpus import ensure_clap_corpus
+            ensure_clap_corpus(d.root, d.num_train, d.num_eval, d.seed, sample_rate=self.settings.sample_rate,
+                               clip_seconds=d.clip_seconds, num_workers=d.num_workers)
+        else:
+            raise ValueError(f"config.data.corpus={corpus!r}: choose 'clap' or 'auditorybench'")
         if d.tokenizer:
             return
-        train = os.path.join(d.root, "train.jsonl")
+        train, classes = self._paths("train")
         records = read_manifest(train, required=("audio", "caption"))
 
         def texts():
             for r in records:
                 yield from ([r["caption"]] if isinstance(r["caption"], str) else r["caption"])
-            for c in read_classes(os.path.join(d.root, "classes.txt")):
+            for c in (read_classes(classes) if classes else []):
                 yield self.class_prompt(c)
         vocab = self.model.text.get("vocab_size", Bert.vocab_size)
         params = {"manifest": train, "count": len(records), "seed": d.seed, "template": d.class_template}
@@ -267,7 +276,11 @@ class CLAPTask(Task):
             self._tokenizer = None
 
     def _paths(self, split: str) -> tuple[str, str]:
+        """`(manifest, classes file or "")` of a split."""
         d = self.config.data
+        if d.generate and d.get("corpus", "clap") == "auditorybench":
+            # CLAP hears every invented source: it trains (and is checked) on all the clips.
+            return os.path.join(d.root, "clips.jsonl"), ""
         if d.generate:
             return os.path.join(d.root, f"{split}.jsonl"), os.path.join(d.root, "classes.txt")
         manifest = d.train_manifest if split == "train" else d.eval_manifest

@@ -160,9 +160,9 @@ class Trainer:
     def _load_initial(self, path: str, part: str | None = None, what: str = "config.init.checkpoint") -> TrainState:
         """Start from a converted checkpoint, or from the latest checkpoint of another
         training run's workdir (its parameters and extra collections; a curriculum's next
-        stage). Every variable must be in it, except those a converted checkpoint declares
-        fresh (`fresh` in its config.json: e.g. the heads when starting from a pretraining
-        checkpoint), which keep their initialisation.
+        stage). Every variable must be in it, except those declared fresh (`fresh` in a
+        converted checkpoint's config.json, or the regex `config.init.fresh`: e.g. the heads
+        when starting from a pretraining checkpoint), which keep their initialisation.
 
         With `part`, the checkpoint is one sub-module's (`Task.pretrained_parts`): it fills
         the variables under `<collection>/<part>/`, except LoRA adapters, which stay fresh;
@@ -171,7 +171,10 @@ class Trainer:
             variables, saved_config = load_run_variables(path), {}
         else:
             variables, saved_config = load_converted(path)
-        fresh = re.compile(saved_config.get("fresh") or r"(?!)")
+        # Variables the checkpoint may lack: its own `fresh` and the config's `init.fresh`
+        # (e.g. a new head on a pretrained encoder), matched as "<collection>/<path in the part>".
+        fresh = re.compile("|".join(f"(?:{r})" for r in (saved_config.get("fresh"), self.config.init.get("fresh"))
+                                    if r) or r"(?!)")
         params, extra = split_variables(variables)
         current = {"params": self.state.params, **self.state.extra}
         loaded = {"params": params, **extra}
