@@ -10,6 +10,8 @@ import json
 import os
 from typing import Callable, Iterable, Sequence
 
+import numpy as np
+
 SPECIAL_TOKENS = ("<unk>", "<pad>", "<s>", "</s>")
 TOKENIZER_VERSION = 1  # bump when the recipe of `train_tokenizer` changes, so saved ones are retrained
 
@@ -51,13 +53,12 @@ class TextTokenizer:
             return [self.hf.encode(t, add_special_tokens=False) for t in texts]
         return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
 
-    def encode_padded(self, texts: Sequence[str], max_len: int) -> tuple["np.ndarray", "np.ndarray"]:
+    def encode_padded(self, texts: Sequence[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
         """BERT/RoBERTa-style encoder input: `[BOS] text [EOS]` cut to `max_len` (EOS kept, as
         a truncating Hugging Face tokenizer call does), right-padded with the pad id.
 
         Returns `(ids [n, max_len] int32, mask [n, max_len] int32)`, mask 1 on real tokens.
         """
-        import numpy as np
         if max_len < 2:
             raise ValueError(f"max_len={max_len}: needs room for BOS and EOS")
         ids = np.full((len(texts), max_len), self.pad_id, np.int32)

@@ -15,7 +15,6 @@ from jaxaudio.infer import InferError
 
 def run(config, workdir: str, text: str) -> dict[str, Any]:
     """`{"spans", "clips": [(span, path, score)], "prediction", "filled"}` for `text`."""
-    import jax
     import jax.numpy as jnp
 
     from jaxaudio.data.auditorybench import AuditoryBenchError, AuditoryItem, ClozeEncoder

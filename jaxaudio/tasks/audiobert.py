@@ -40,8 +40,8 @@ from jaxaudio.models.audiobert import AudioBert
 from jaxaudio.models.bert import Bert
 from jaxaudio.tasks import register
 from jaxaudio.tasks.audio_llm import model_kwargs as part_model_kwargs
-from jaxaudio.tasks.audiobert_detector import TOKENIZER_LOCK, ensure_converted_bert, load_bert_tokenizer, read_items
-from jaxaudio.tasks.base import Batch, Task
+from jaxaudio.tasks.audiobert_detector import TOKENIZER_LOCK, AuditoryBenchTask, read_items
+from jaxaudio.tasks.base import Batch
 
 AST_SAMPLE_RATE = 16000
 MIN_SAMPLES = 500  # the original pads shorter clips to 500 samples
@@ -170,10 +170,8 @@ class ClozeSource:
 
 
 @register("audiobert")
-class AudioBertTask(Task):
+class AudioBertTask(AuditoryBenchTask):
     def __init__(self, config):
-        self._tokenizer = None
-        self._sources: dict[str, ClozeSource] = {}
         super().__init__(config)
         if config.data.task not in ("animal", "pitch"):
             raise ValueError(f"config.data.task={config.data.task!r}: choose 'animal' or 'pitch'")
@@ -189,12 +187,6 @@ class AudioBertTask(Task):
     def ast_kw(self) -> dict[str, Any]:
         a = self.model.ast
         return {"num_mel_bins": int(a.get("num_mel_bins", 128)), "max_length": int(a.get("max_length", 1024))}
-
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            self._tokenizer = load_bert_tokenizer(self.config.data.tokenizer)
-        return self._tokenizer
 
     def pretrained_parts(self) -> dict[str, str]:
         return {part: self.config.init[part] for part in ("bert", "ast") if self.config.init.get(part)}
@@ -255,13 +247,6 @@ class AudioBertTask(Task):
         return out
 
     # --- data --------------------------------------------------------------------------
-    def _csvs(self, split: str) -> str:
-        d = self.config.data
-        paths = d.train_csv if split == "train" else d.eval_csv
-        if not paths:
-            raise ValueError(f"config.data.{split}_csv is empty: give the AuditoryBench CSV(s)")
-        return paths.format(root=d.root)
-
     @property
     def workdir_cache(self) -> str:
         return self.config.retrieval.get("cache") or os.path.join(self.config.data.root, "retrieval.json")
@@ -303,11 +288,7 @@ class AudioBertTask(Task):
         return self._sources[split]
 
     def prepare_data(self) -> None:
-        d = self.config.data
-        if d.get("generate"):
-            from jaxaudio.data.auditorybench_corpus import ensure_auditorybench_corpus
-            ensure_auditorybench_corpus(d.root, seed=d.seed)
-        ensure_converted_bert(self.config)
+        super().prepare_data()
         # Retrieval and detection load CLAP and the detector (their own jits): done here,
         # before the trainer's mesh context, and cached for every process.
         for split in ("train", "eval"):

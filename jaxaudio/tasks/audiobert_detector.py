@@ -83,21 +83,41 @@ class DetectorSource:
         return {k: np.asarray(v, np.int32) for k, v in ex.items()} | {"index": np.int32(i)}
 
 
-@register("audiobert_detector")
-class SpanDetectorTask(Task):
+class AuditoryBenchTask(Task):
+    """What the detector and AudioBERT share: the BERT tokenizer (`data.tokenizer`), the
+    CSVs of a split (`data.{train,eval}_csv`, comma-separated, `{root}` = `data.root`) and
+    the tiny default's generated corpus and converted BERT."""
+
     def __init__(self, config):
         self._tokenizer = None
-        self._sources: dict[str, DetectorSource] = {}
+        self._sources: dict[str, Any] = {}
         super().__init__(config)
-
-    def build_model(self) -> Bert:
-        return Bert(**detector_kwargs(self.config.model.bert.to_dict()))
 
     @property
     def tokenizer(self):
         if self._tokenizer is None:
             self._tokenizer = load_bert_tokenizer(self.config.data.tokenizer)
         return self._tokenizer
+
+    def _csvs(self, split: str) -> str:
+        d = self.config.data
+        paths = d.train_csv if split == "train" else d.eval_csv
+        if not paths:
+            raise ValueError(f"config.data.{split}_csv is empty: give AuditoryBench CSVs (comma-separated)")
+        return paths.format(root=d.root)
+
+    def prepare_data(self) -> None:
+        d = self.config.data
+        if d.get("generate"):
+            from jaxaudio.data.auditorybench_corpus import ensure_auditorybench_corpus
+            ensure_auditorybench_corpus(d.root, seed=d.seed)
+        ensure_converted_bert(self.config)
+
+
+@register("audiobert_detector")
+class SpanDetectorTask(AuditoryBenchTask):
+    def build_model(self) -> Bert:
+        return Bert(**detector_kwargs(self.config.model.bert.to_dict()))
 
     def dummy_batch(self, batch_size: int) -> Batch:
         n = self.config.data.max_len
@@ -140,20 +160,6 @@ class SpanDetectorTask(Task):
         return out
 
     # --- data --------------------------------------------------------------------------
-    def prepare_data(self) -> None:
-        d = self.config.data
-        if d.get("generate"):
-            from jaxaudio.data.auditorybench_corpus import ensure_auditorybench_corpus
-            ensure_auditorybench_corpus(d.root, seed=d.seed)
-        ensure_converted_bert(self.config)
-
-    def _csvs(self, split: str) -> str:
-        d = self.config.data
-        paths = d.train_csv if split == "train" else d.eval_csv
-        if not paths:
-            raise ValueError(f"config.data.{split}_csv is empty: give AuditoryBench CSVs (comma-separated)")
-        return paths.format(root=d.root)
-
     def _source(self, split: str) -> DetectorSource:
         if split not in self._sources:
             self._sources[split] = DetectorSource(read_items(self._csvs(split)), self.tokenizer,

@@ -26,7 +26,7 @@ import optax
 from jaxaudio.data.audio import load_audio
 from jaxaudio.data.manifest import read_classes, read_manifest
 from jaxaudio.data.tokenizer import TextTokenizer, ensure_tokenizer
-from jaxaudio.eval.retrieval import retrieval_metrics, zero_shot_accuracy
+from jaxaudio.eval.retrieval import retrieval_metrics
 from jaxaudio.features.clap import ClapFeatureSettings, clap_input_features
 from jaxaudio.models.bert import Bert
 from jaxaudio.models.clap import HTSAT, Clap
