@@ -280,10 +280,13 @@ class AudioBertTask(AuditoryBenchTask):
             examples = [Example(it, list(it.spans), 0) for it in items]
             if split == "eval":
                 examples += [Example(it, spans, 1) for it, spans in zip(items, self._detected(items))]
+            encoder = ClozeEncoder(self.tokenizer, d.max_len)
+            with TOKENIZER_LOCK:  # checks every item now and says once how many spans fell back
+                encoder.encode_all([ex.item for ex in examples if ex.mode == 0])
             retriever = Retriever(self.config.retrieval, self.workdir_cache)
             if not d.text_only:
                 retriever.resolve({s for ex in examples for s in ex.spans} | {""})
-            self._sources[split] = ClozeSource(examples, ClozeEncoder(self.tokenizer, d.max_len), retriever,
+            self._sources[split] = ClozeSource(examples, encoder, retriever,
                                                self.slots, self.ast_kw, d.text_only, self.model.gate)
         return self._sources[split]
 
