@@ -66,9 +66,10 @@ def dense(features: int | Sequence[int], axes: Sequence[str], *, name: str, use_
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping `patch x patch` patches, `[batch, h, w, channels] -> [batch, h // patch,
-    w // patch, features]`: `nn.Conv(features, (patch, patch), strides=(patch, patch),
-    padding="VALID")` with the same parameters (`kernel [patch, patch, channels, features]`,
+    """Non-overlapping patches (`patch`: an int, or `(ph, pw)` for rectangles such as CLAP's
+    fusion `mel_conv2d`), `[batch, h, w, channels] -> [batch, h // ph, w // pw, features]`:
+    `nn.Conv(features, (ph, pw), strides=(ph, pw), padding="VALID")` with the same
+    parameters (`kernel [ph, pw, channels, features]`,
     `bias [features]`, created in the same order, so the same rng gives the same values),
     computed as one matrix product over the flattened patches.
 
@@ -78,7 +79,7 @@ class PatchEmbed(nn.Module):
     takes the last.
     """
     features: int
-    patch: int
+    patch: int | tuple[int, int]
     axes: tuple[str, str, str, str]
     use_bias: bool = True
     kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
@@ -90,12 +91,12 @@ class PatchEmbed(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.ndim != 4:
             raise ValueError(f"PatchEmbed expects [batch, h, w, channels]; got shape {x.shape}")
-        p = self.patch
+        ph, pw = (self.patch, self.patch) if isinstance(self.patch, int) else self.patch
         batch, h, w, channels = x.shape
-        kernel = self.param("kernel", param(self.kernel_init, self.axes), (p, p, channels, self.features),
+        kernel = self.param("kernel", param(self.kernel_init, self.axes), (ph, pw, channels, self.features),
                             self.param_dtype)
-        grid_h, grid_w = h // p, w // p  # VALID: a partial patch at the edge is dropped
-        patches = x[:, :grid_h * p, :grid_w * p].reshape(batch, grid_h, p, grid_w, p, channels)
+        grid_h, grid_w = h // ph, w // pw  # VALID: a partial patch at the edge is dropped
+        patches = x[:, :grid_h * ph, :grid_w * pw].reshape(batch, grid_h, ph, grid_w, pw, channels)
         y = jnp.einsum("bhpwqc,pqcf->bhwf", patches.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
             bias = self.param("bias", param(self.bias_init, self.axes[-1:]), (self.features,), self.param_dtype)

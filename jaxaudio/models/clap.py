@@ -242,7 +242,7 @@ class ClapPatchEmbed(nn.Module):
         if self.enable_fusion:
             b, h, w, crops = image.shape[0], image.shape[1], image.shape[2], image.shape[3] - 1
             local = image[..., 1:].transpose(0, 3, 1, 2).reshape(b * crops, h, w, 1)
-            local = RectPatchEmbed(self.embed_dim, (p, 3 * p), conv_axes, name="mel_conv2d", **kw)(local)
+            local = PatchEmbed(self.embed_dim, (p, 3 * p), conv_axes, name="mel_conv2d", **kw)(local)
             gh, gw = local.shape[1], local.shape[2]
             # HF: [b, crops, c, gh, gw] -> [b, c, gh, crops, gw] -> width crops * gw, padded (or cut) to x's.
             local = local.reshape(b, crops, gh, gw, -1).transpose(0, 2, 1, 3, 4).reshape(b, gh, crops * gw, -1)
@@ -254,30 +254,6 @@ class ClapPatchEmbed(nn.Module):
         if self.enable_norm:
             x = layer_norm(TORCH_LN_EPS, name="norm", **kw)(x)
         return x
-
-
-class RectPatchEmbed(nn.Module):
-    """A non-overlapping `patch = (ph, pw)` conv, `[batch, h, w, c] -> [batch, h // ph, w // pw,
-    features]`, as one matmul with `nn.Conv(..., VALID)`'s parameters (kernel
-    `[ph, pw, c, features]`, bias): `layers.PatchEmbed` for rectangular patches (the fusion
-    path's `mel_conv2d`). A partial patch at the edge is dropped, as VALID does."""
-    features: int
-    patch: tuple[int, int]
-    axes: tuple[str, str, str, str] = ("conv_h", "conv_w", "conv_in", "embed")
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        ph, pw = self.patch
-        b, h, w, c = x.shape
-        kernel = self.param("kernel", param(nn.initializers.lecun_normal(), self.axes), (ph, pw, c, self.features),
-                            self.param_dtype)
-        bias = self.param("bias", param(nn.initializers.zeros, self.axes[-1:]), (self.features,), self.param_dtype)
-        gh, gw = h // ph, w // pw
-        patches = x[:, :gh * ph, :gw * pw].reshape(b, gh, ph, gw, pw, c)
-        y = jnp.einsum("bhpwqc,pqcf->bhwf", patches.astype(self.dtype), kernel.astype(self.dtype))
-        return y + bias.astype(self.dtype)
 
 
 class HTSAT(nn.Module):
