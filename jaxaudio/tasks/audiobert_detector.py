@@ -149,14 +149,18 @@ class SpanDetectorTask(AuditoryBenchTask):
         metrics.update({f"span_{k}": v for k, v in span_prf(gold, pred, normalize=str.lower).items()})
         return metrics
 
-    def detect(self, params, sentences: list[str]) -> list[list[str]]:
-        """Span strings per sentence (the detector's inference)."""
-        out = []
+    def detect(self, params, sentences: list[str], batch_size: int = 64) -> list[list[str]]:
+        """Span strings per sentence (the detector's inference), `batch_size` sentences per
+        forward (the last batch padded, so one compile serves every call)."""
         fn = jax.jit(lambda p, ids, mask: jnp.argmax(self.model.apply({"params": p}, ids, mask).logits, -1))
-        for s in sentences:
-            ex = detector_example(self.tokenizer, s, [], self.config.data.max_len)
-            tags = fn(params, jnp.asarray(ex["input_ids"])[None], jnp.asarray(ex["attention_mask"])[None])[0]
-            out.append(spans_from_tags(self.tokenizer, np.asarray(ex["input_ids"]), np.asarray(tags)))
+        examples = [detector_example(self.tokenizer, s, [], self.config.data.max_len) for s in sentences]
+        out = []
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start:start + batch_size]
+            rows = chunk + [chunk[-1]] * (batch_size - len(chunk))
+            ids = np.stack([e["input_ids"] for e in rows])
+            tags = np.asarray(fn(params, jnp.asarray(ids), jnp.asarray(np.stack([e["attention_mask"] for e in rows]))))
+            out += [spans_from_tags(self.tokenizer, i, t) for i, t in zip(ids[:len(chunk)], tags[:len(chunk)])]
         return out
 
     # --- data --------------------------------------------------------------------------
