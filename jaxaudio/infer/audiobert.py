@@ -17,7 +17,7 @@ def run(config, workdir: str, text: str) -> dict[str, Any]:
     """`{"spans", "clips": [(span, path, score)], "prediction", "filled"}` for `text`."""
     import jax.numpy as jnp
 
-    from jaxaudio.data.auditorybench import AuditoryBenchError, AuditoryItem, ClozeEncoder
+    from jaxaudio.data.auditorybench import AuditoryBenchError, AuditoryItem, ClozeEncoder, retrieval_queries
     from jaxaudio.tasks.audiobert import AudioBertTask, ClozeSource, Example, Retriever
     from jaxaudio.tasks.audiobert_detector import SpanDetectorTask
     from jaxaudio.train.loop import load_run_variables
@@ -37,7 +37,8 @@ def run(config, workdir: str, text: str) -> dict[str, Any]:
         if detector_dir:
             spans = SpanDetectorTask(config).detect(load_run_variables(detector_dir)["params"], [text])[0]
         retriever = Retriever(config.retrieval, task.workdir_cache)
-        retriever.resolve(set(spans) | {""})
+        queries = retrieval_queries(config.data.task, spans)
+        retriever.resolve(set(queries))
         item = AuditoryItem(task=config.data.task, sentence=text, answer="x", spans=spans)
         source = ClozeSource([Example(item, spans, 1)], ClozeEncoder(tokenizer, config.data.max_len), retriever,
                              task.slots, task.ast_kw, bool(config.data.text_only), task.model.gate)
@@ -54,7 +55,7 @@ def run(config, workdir: str, text: str) -> dict[str, Any]:
     else:
         words = tokenizer.convert_ids_to_tokens([int(jnp.argmax(logits[m])) for m in masks])
     prediction = tokenizer.convert_tokens_to_string(words).strip()
-    clips = [(s, *retriever.table[retriever.query(s)]) for s in spans]
+    clips = [(s, *retriever.table[q]) for s, q in zip(spans, queries)]
     return {"spans": spans, "clips": clips, "prediction": prediction,
             "filled": text.replace("[MASK]", prediction, 1)}
 

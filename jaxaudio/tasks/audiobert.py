@@ -33,7 +33,7 @@ import numpy as np
 import optax
 
 from jaxaudio.data.audio import load_audio
-from jaxaudio.data.auditorybench import AuditoryItem, ClozeEncoder
+from jaxaudio.data.auditorybench import AuditoryItem, ClozeEncoder, retrieval_queries
 from jaxaudio.eval.auditory import majority_baseline
 from jaxaudio.models.ast import AST, ast_features
 from jaxaudio.models.audiobert import AudioBert
@@ -64,8 +64,8 @@ def model_kwargs(model_cfg) -> dict[str, Any]:
 
 
 class Retriever:
-    """Span text -> (clip path, score): CLAP text embedding of `span + " sound"`, top-1 of
-    the index; one query per distinct text, remembered in a json file that is valid for one
+    """Query text (`auditorybench.retrieval_queries`: span + " sound") -> (clip path, score):
+    CLAP text embedding, top-1 of the index; one search per distinct query, remembered in a json file that is valid for one
     index (its CLAP fingerprint and clip count; another index starts the file afresh)."""
 
     def __init__(self, cfg, cache_path: str):
@@ -83,12 +83,8 @@ class Retriever:
             if cached.get("key") == self.key:
                 self.table = cached["table"]
 
-    @staticmethod
-    def query(span: str) -> str:
-        return f"{span} sound".strip()
-
-    def resolve(self, spans: set[str]) -> None:
-        missing = sorted({self.query(s) for s in spans} - set(self.table))
+    def resolve(self, queries: set[str]) -> None:
+        missing = sorted(set(queries) - set(self.table))
         if not missing:
             return
         from jaxaudio.infer.clap import ClapEmbedder
@@ -110,8 +106,8 @@ class Retriever:
             json.dump({"key": self.key, "table": self.table}, f, indent=0, sort_keys=True)
         os.replace(tmp, self.cache_path)
 
-    def clip(self, span: str) -> str:
-        return self.table[self.query(span)][0]
+    def clip(self, query: str) -> str:
+        return self.table[query][0]
 
 
 @dataclasses.dataclass
@@ -157,12 +153,10 @@ class ClozeSource:
             positions[:] = -1
         frames, mel = self.ast_kw["max_length"], self.ast_kw["num_mel_bins"]
         audio = np.zeros((self.slots, frames, mel), np.float32)
+        queries = retrieval_queries(ex.item.task, spans)  # with the original's fallbacks
         for s in range(self.slots):
             if positions[s] >= 0:
-                # A slot without its own span hears the first span's clip (or "sound"'s), as
-                # the original's retrieval falls back.
-                span = spans[s] if s < len(spans) else (spans[0] if spans else "")
-                audio[s] = self._audio(self.retriever.clip(span))
+                audio[s] = self._audio(self.retriever.clip(queries[s]))
         return {"input_ids": np.asarray(enc["input_ids"], np.int32),
                 "attention_mask": np.asarray(enc["attention_mask"], np.int32),
                 "labels": np.asarray(enc["labels"], np.int32), "answer_mask": np.asarray(enc["answer_mask"], bool),
@@ -285,7 +279,7 @@ class AudioBertTask(AuditoryBenchTask):
                 encoder.encode_all([ex.item for ex in examples if ex.mode == 0])
             retriever = Retriever(self.config.retrieval, self.workdir_cache)
             if not d.text_only:
-                retriever.resolve({s for ex in examples for s in ex.spans} | {""})
+                retriever.resolve({q for ex in examples for q in retrieval_queries(d.task, ex.spans)})
             self._sources[split] = ClozeSource(examples, encoder, retriever,
                                                self.slots, self.ast_kw, d.text_only, self.model.gate)
         return self._sources[split]
