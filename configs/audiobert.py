@@ -7,7 +7,8 @@
 
 bert-base-uncased with LoRA r 64 / alpha 128 / dropout 0.01 on every query/key/value, the
 AST `MIT/ast-finetuned-audioset-10-10-0.4593` (trained, as the original: its freeze lines are
-commented out), CLAP `laion/clap-htsat-fused` for retrieval; 20 epochs, batch 32, AdamW
+commented out; `--config.model.freeze_ast=True` freezes it and caches each retrieved clip's
+vector, so a step runs no AST), CLAP `laion/clap-htsat-fused` for retrieval; 20 epochs, batch 32, AdamW
 lr 3e-4 (weight decay 0.01, torch's default), cosine with 10% warm-up, clipping at 1.0,
 seed 42, 128 tokens. The animal script's own defaults were batch 8 / lr 1e-4; the README
 and the paper say 32 / 3e-4, used here for both. The detector: 5 epochs, batch 16, AdamW
@@ -44,7 +45,7 @@ def base(stage: str, bert: dict, ast: dict, root: str) -> ConfigDict:
     text_only = stage.endswith("_text")
     c.model = ConfigDict(dict(bert=dict(bert, head="mlm", pooler=False), ast=dict(ast), lora=dict(LORA),
                               injection="single" if text_only else "double", gate="always" if text_only else "span",
-                              dtype="float32", param_dtype="float32"))
+                              freeze_ast=False, dtype="float32", param_dtype="float32"))
     csv = {"animal": "{root}/animal_%s.csv", "pitch": "{root}/pitch_%s.csv"}
     c.data = ConfigDict(dict(
         task=task if task != "detector" else "animal", generate=False, root=root, seed=0, max_len=128,

@@ -82,3 +82,48 @@ def test_infer_fills_the_mask_and_names_bad_input(chain):
     proc = _run("launch.infer", f"--config={cfg.format('pitch')}", f"--workdir={base}/pitch",
                 "--text=No mask in this sentence.")
     assert proc.returncode == 1 and "has no [MASK]" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_frozen_ast_trains_on_cached_vectors(chain):
+    """`model.freeze_ast`: a next stage from the pitch run keeps its AST bitwise, its batches
+    carry the cached vectors (no AST input), and those give the logits the clips give."""
+    import jax
+    import numpy as np
+
+    from jaxaudio.tasks.audiobert import AudioBertTask, load_config
+    from jaxaudio.train.loop import load_run_variables
+    base, cfg, _ = chain
+    proc = _run("launch.train", f"--config={cfg.format('pitch')}", f"--workdir={base}/pitch_frozen",
+                "--config.model.freeze_ast=True", f"--config.init.checkpoint={base}/pitch",
+                "--config.train.log_every=2", "--config.train.steps=4", "--config.train.eval_every=4",
+                "--config.train.checkpoint_every=4", "--config.train.batch_size=8", "--config.optim.total_steps=4",
+                "--config.optim.warmup_steps=1", "--config.train.eval_batch_size=32")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before, after = load_run_variables(f"{base}/pitch"), load_run_variables(f"{base}/pitch_frozen")
+    flat = lambda t: dict(jax.tree_util.tree_leaves_with_path(t))  # noqa: E731
+    for path, x in flat(before["params"]["ast"]).items():
+        np.testing.assert_array_equal(flat(after["params"]["ast"])[path], x)
+    lora = lambda v: v["params"]["bert"]["layers_0"]["attention"]["query"]["lora_b"]  # noqa: E731
+    assert not np.array_equal(lora(before), lora(after))  # the adapters trained
+
+    config = load_config(cfg.format("pitch"))
+    config.model.freeze_ast = True
+    task = AudioBertTask(config)
+    assert "ast/.*" in config.optim.frozen
+    task.bind_variables(before)
+    cached = task._source("train")[0]
+    assert "audio" not in cached and cached["audio_vectors"].shape == (2, task.ast_width)
+    config.model.freeze_ast = False
+    plain = AudioBertTask(config)
+    clips = plain._source("train")[0]
+    batch = lambda ex: {k: np.asarray(v)[None] for k, v in ex.items()}  # noqa: E731
+    want = plain._logits(before["params"], {}, batch(clips), False)
+    got = task._logits(before["params"], {}, batch(cached), False)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    with open(os.path.join(base, "data", "pitch_test.csv"), newline="") as f:
+        sentence = next(csv.DictReader(f))["sentence"]
+    proc = _run("launch.infer", f"--config={cfg.format('pitch')}", f"--workdir={base}/pitch_frozen",
+                "--config.model.freeze_ast=True", f"--text={sentence}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert next(line for line in proc.stdout.splitlines() if line.startswith("answer:")).split()[-1] in (
+        "higher", "lower")

@@ -40,8 +40,12 @@ def run(config, workdir: str, text: str) -> dict[str, Any]:
         queries = retrieval_queries(config.data.task, spans)
         retriever.resolve(set(queries))
         item = AuditoryItem(task=config.data.task, sentence=text, answer="x", spans=spans)
+        frozen = task.model.freeze_ast and not config.data.text_only
+        if frozen:
+            task.set_ast_parameters(variables)
         source = ClozeSource([Example(item, spans, 1)], ClozeEncoder(tokenizer, config.data.max_len), retriever,
-                             task.slots, task.ast_kw, bool(config.data.text_only), task.model.gate)
+                             task.slots, task.ast_kw, bool(config.data.text_only), task.model.gate,
+                             vectors=task.ast_vector_of if frozen else None, vector_width=task.ast_width)
         example = source[0]
     except (AuditoryBenchError, OSError, ValueError) as e:
         raise InferError(str(e).splitlines()[0]) from None

@@ -23,6 +23,11 @@ the abstract describes: "LoRA only when the detector fires") runs an example who
 its attention mask, whatever `injection` is. With either gate a slot at -1 injects nothing
 (the released code never produces -1: its span finder falls back to 0 and the last token).
 
+`freeze_ast` (not the original's default: its freeze lines are commented out) runs AST in
+eval mode behind a stop-gradient, so its vector of a clip is a constant that a task may
+compute once per clip and pass as `audio_vectors` (`tasks.audiobert` does: the step then
+runs no AST at all).
+
 Sizes come from two dicts of module kwargs (`bert`, `ast`); `{}` is bert-base-uncased and
 MIT/ast-finetuned-audioset-10-10-0.4593 (768 wide each: no projection).
 """
@@ -65,13 +70,14 @@ class AudioBert(nn.Module):
     lora: dict | None = dataclasses.field(default_factory=lambda: dict(DEFAULT_LORA))
     injection: str = "double"
     gate: str = "span"
+    freeze_ast: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     def __hash__(self):
         # The dict fields are unhashable; this lets an AudioBert be a static argument of `jax.jit`.
         return hash((json.dumps([self.bert, self.ast, self.lora], sort_keys=True), self.injection, self.gate,
-                     str(jnp.dtype(self.dtype)), str(jnp.dtype(self.param_dtype)), self.name))
+                     self.freeze_ast, str(jnp.dtype(self.dtype)), str(jnp.dtype(self.param_dtype)), self.name))
 
     @nn.nowrap
     def parts(self, names: tuple[str | None, str | None] = (None, None)) -> tuple[Bert, AST]:
@@ -102,13 +108,22 @@ class AudioBert(nn.Module):
         else:
             self.audio_proj = None
 
-    def audio_vector(self, ast_input: jax.Array, train: bool = False) -> jax.Array:
-        """`ast_input [n, frames, mel]` (ASTFeatureExtractor's output) -> `[n, bert hidden]`:
-        AST's last_hidden_state (after its final LayerNorm) averaged over all its tokens,
-        then `audio_proj` when AST's width differs from BERT's. `train` applies AST's dropout."""
-        h = self.ast_module(ast_input, train=train)["last_hidden_state"]
+    def ast_vector(self, ast_input: jax.Array, train: bool = False) -> jax.Array:
+        """`ast_input [n, frames, mel]` (ASTFeatureExtractor's output) -> `[n, ast hidden]`:
+        AST's last_hidden_state (after its final LayerNorm) averaged over all its tokens.
+        `train` applies AST's dropout, unless `freeze_ast` (then: eval mode, no gradient)."""
+        h = self.ast_module(ast_input, train=train and not self.freeze_ast)["last_hidden_state"]
         v = jnp.mean(h, axis=1)
-        return v if self.audio_proj is None else self.audio_proj(v)
+        return jax.lax.stop_gradient(v) if self.freeze_ast else v
+
+    def project(self, ast_vectors: jax.Array) -> jax.Array:
+        """`[..., ast hidden]` -> `[..., bert hidden]`: `audio_proj` when the widths differ."""
+        return ast_vectors if self.audio_proj is None else self.audio_proj(ast_vectors)
+
+    def audio_vector(self, ast_input: jax.Array, train: bool = False) -> jax.Array:
+        """`ast_input [n, frames, mel]` -> the injected vectors `[n, bert hidden]`
+        (`project(ast_vector(ast_input))`)."""
+        return self.project(self.ast_vector(ast_input, train=train))
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, span_positions: jax.Array,
                  audio: jax.Array | None = None, audio_vectors: jax.Array | None = None,
@@ -116,8 +131,9 @@ class AudioBert(nn.Module):
         """`input_ids [b, L]`, `attention_mask [b, L]` (1 = token; "double" ignores it where a
         span is injected, as the released code), `span_positions [b, S]` int (token index of
         each span's first token, -1 = no span in that slot; S = 1 animal, 2 pitch), exactly one
-        of `audio [b, S, frames, mel]` (AST input per slot) and `audio_vectors [b, S, bert
-        hidden]` (precomputed `audio_vector`s) -> MLM logits `[b, L, vocab]` float32.
+        of `audio [b, S, frames, mel]` (AST input per slot) and `audio_vectors [b, S, ast
+        hidden]` (precomputed `ast_vector`s; `audio_proj` still applies) -> MLM logits
+        `[b, L, vocab]` float32.
 
         `train` applies dropout (BERT's, both embedding passes', LoRA's, AST's): rng `dropout`.
         Positions must lie in [-1, L): checked when `span_positions` is concrete (ValueError);
@@ -127,10 +143,11 @@ class AudioBert(nn.Module):
         slots = span_positions.shape[1]
         bert = self.bert_module
         if audio is not None:
-            vectors = self.audio_vector(audio.reshape((b * slots,) + audio.shape[2:]), train=train)
+            vectors = self.ast_vector(audio.reshape((b * slots,) + audio.shape[2:]), train=train)
             vectors = vectors.reshape(b, slots, -1)
         else:
             vectors = audio_vectors
+        vectors = self.project(vectors)
         span_positions = span_positions.astype(jnp.int32)
         valid = span_positions >= 0                                                # [b, S]
         has_span = jnp.any(valid, axis=1)                                          # [b]
@@ -172,7 +189,7 @@ class AudioBert(nn.Module):
     def _check(self, input_ids, attention_mask, span_positions, audio, audio_vectors) -> tuple[int, int]:
         if (audio is None) == (audio_vectors is None):
             raise ValueError("AudioBert: pass exactly one of audio [batch, spans, frames, mel] and "
-                             "audio_vectors [batch, spans, hidden]")
+                             "audio_vectors [batch, spans, ast hidden]")
         if input_ids.ndim != 2:
             raise ValueError(f"AudioBert: input_ids must be [batch, len]; got shape {tuple(input_ids.shape)}")
         b, length = input_ids.shape
@@ -186,9 +203,9 @@ class AudioBert(nn.Module):
         if audio is not None and (audio.ndim != 4 or tuple(audio.shape[:2]) != (b, slots)):
             raise ValueError(f"AudioBert: audio must be [batch, spans, frames, mel] = [{b}, {slots}, frames, mel] "
                              f"(span_positions is {tuple(span_positions.shape)}); got shape {tuple(audio.shape)}")
-        width = self.bert.get("hidden_size", Bert.hidden_size)
+        width = self.ast.get("hidden_size", AST.hidden_size)
         if audio_vectors is not None and tuple(audio_vectors.shape) != (b, slots, width):
-            raise ValueError(f"AudioBert: audio_vectors must be [batch, spans, bert hidden] = [{b}, {slots}, "
+            raise ValueError(f"AudioBert: audio_vectors must be [batch, spans, ast hidden] = [{b}, {slots}, "
                              f"{width}] (span_positions is {tuple(span_positions.shape)}); got shape "
                              f"{tuple(audio_vectors.shape)}")
         if not isinstance(span_positions, jax.core.Tracer):

@@ -10,6 +10,12 @@ spans (the oracle) and with the detector's spans (the real pipeline: `eval.detec
 detector run), plus the majority answer. `data.text_only` trains the same LoRA with
 nothing injected: the text-only row of the paper's table.
 
+`model.freeze_ast` freezes AST (the trainer's `optim.frozen` gains `ast/.*`) and caches
+its vector of every retrieved clip: computed once from the run's AST parameters when the
+trainer binds them (`bind_variables`: after the initial load and after a restore), the
+batches then carry `audio_vectors [S, ast hidden]` instead of AST inputs and the step
+runs no AST.
+
 Loss: the MLM cross-entropy at every position against the filled sentence, padding
 included, as the original (`train.loss_positions="all"`), or at the answer's word pieces
 only (`"answer"`). Accuracy: animal, every answer word piece right (argmax over the whole
@@ -21,10 +27,13 @@ outputs depend on the batch's padding; here every sentence is padded to `data.ma
 """
 import dataclasses
 import functools
+import hashlib
 import importlib.util
 import json
+import logging
 import os
-from typing import Any
+import threading
+from typing import Any, Callable
 
 import grain
 import jax
@@ -43,6 +52,8 @@ from jaxaudio.tasks.audio_llm import model_kwargs as part_model_kwargs
 from jaxaudio.tasks.audiobert_detector import TOKENIZER_LOCK, AuditoryBenchTask, read_items
 from jaxaudio.tasks.base import Batch
 
+log = logging.getLogger(__name__)
+
 AST_SAMPLE_RATE = 16000
 MIN_SAMPLES = 500  # the original pads shorter clips to 500 samples
 
@@ -59,8 +70,13 @@ def load_config(spec: str):
 
 
 def model_kwargs(model_cfg) -> dict[str, Any]:
-    kw = part_model_kwargs(model_cfg, {"bert": Bert, "ast": AST}, {"injection": "double", "gate": "span"})
-    return kw
+    return part_model_kwargs(model_cfg, {"bert": Bert, "ast": AST},
+                             {"injection": "double", "gate": "span", "freeze_ast": False})
+
+
+@functools.lru_cache(maxsize=4)
+def _ast_vector_fn(model: AudioBert):
+    return jax.jit(lambda params, x: model.apply({"params": params}, x, method=AudioBert.ast_vector))
 
 
 class Retriever:
@@ -118,13 +134,31 @@ class Example:
 
 
 class ClozeSource:
-    """AudioBERT examples: the cloze encoding plus AST inputs `[S, frames, mel]` of the clips
-    the spans retrieve (a slot without a span: zeros, and position -1)."""
+    """AudioBERT examples: the cloze encoding plus AST inputs `audio [S, frames, mel]` of the
+    clips the spans retrieve, or with `vectors` (clip path -> AST vector) `audio_vectors
+    [S, ast hidden]`; a slot without a span: zeros, and position -1."""
 
     def __init__(self, examples: list[Example], encoder: ClozeEncoder, retriever: Retriever, slots: int,
-                 ast_kw: dict[str, Any], text_only: bool, gate: str):
+                 ast_kw: dict[str, Any], text_only: bool, gate: str,
+                 vectors: Callable[[str], np.ndarray] | None = None, vector_width: int = 0):
         self.examples, self.enc, self.retriever, self.slots = examples, encoder, retriever, slots
         self.ast_kw, self.text_only, self.gate = ast_kw, text_only, gate
+        self.vectors, self.vector_width = vectors, vector_width
+
+    def clips(self) -> set[str]:
+        """The paths of every clip the examples inject."""
+        out = set()
+        for ex in self.examples:
+            if not self.text_only:
+                spans = list(ex.spans)[:self.slots]
+                queries = retrieval_queries(ex.item.task, spans)
+                slots = range(self.slots) if self.gate == "always" else range(len(spans))
+                out.update(self.retriever.clip(queries[s]) for s in slots)
+        return out
+
+    def features(self, path: str) -> np.ndarray:
+        """AST's input `[frames, mel]` of the clip at `path` (mono, 16 kHz)."""
+        return self._audio(path)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -151,16 +185,19 @@ class ClozeSource:
                 positions[s] = 0 if s == 0 else last
         if self.text_only:
             positions[:] = -1
-        frames, mel = self.ast_kw["max_length"], self.ast_kw["num_mel_bins"]
-        audio = np.zeros((self.slots, frames, mel), np.float32)
+        if self.vectors is None:
+            shape, load, key = (self.ast_kw["max_length"], self.ast_kw["num_mel_bins"]), self._audio, "audio"
+        else:
+            shape, load, key = (self.vector_width,), self.vectors, "audio_vectors"
+        audio = np.zeros((self.slots,) + shape, np.float32)
         queries = retrieval_queries(ex.item.task, spans)  # with the original's fallbacks
         for s in range(self.slots):
             if positions[s] >= 0:
-                audio[s] = self._audio(self.retriever.clip(queries[s]))
+                audio[s] = load(self.retriever.clip(queries[s]))
         return {"input_ids": np.asarray(enc["input_ids"], np.int32),
                 "attention_mask": np.asarray(enc["attention_mask"], np.int32),
                 "labels": np.asarray(enc["labels"], np.int32), "answer_mask": np.asarray(enc["answer_mask"], bool),
-                "span_positions": positions, "audio": audio, "mode": np.int32(ex.mode), "index": np.int32(i)}
+                "span_positions": positions, key: audio, "mode": np.int32(ex.mode), "index": np.int32(i)}
 
 
 @register("audiobert")
@@ -169,6 +206,16 @@ class AudioBertTask(AuditoryBenchTask):
         super().__init__(config)
         if config.data.task not in ("animal", "pitch"):
             raise ValueError(f"config.data.task={config.data.task!r}: choose 'animal' or 'pitch'")
+        self._vectors: dict[str, np.ndarray] = {}
+        self._vector_params: tuple[str, Any] | None = None  # (fingerprint, AST params on the host)
+        self._features: ClozeSource | None = None
+        self._vector_lock = threading.Lock()
+        if self.model.freeze_ast:
+            # A frozen AST must not move under weight decay either: its parameters leave the optimizer.
+            frozen = config.optim.get("frozen") or ""
+            if "ast/.*" not in frozen:
+                with config.unlocked():
+                    config.optim.frozen = f"(?:{frozen})|ast/.*" if frozen else "ast/.*"
 
     def build_model(self) -> AudioBert:
         return AudioBert(**model_kwargs(self.config.model))
@@ -185,21 +232,82 @@ class AudioBertTask(AuditoryBenchTask):
     def pretrained_parts(self) -> dict[str, str]:
         return {part: self.config.init[part] for part in ("bert", "ast") if self.config.init.get(part)}
 
-    def dummy_batch(self, batch_size: int) -> Batch:
+    @property
+    def ast_width(self) -> int:
+        return int(self.model.ast.get("hidden_size", AST.hidden_size))
+
+    def dummy_batch(self, batch_size: int, audio: bool | None = None) -> Batch:
+        """The batch's shapes; AST inputs, or with a frozen AST (`audio=False`) its vectors."""
         n, s, k = self.config.data.max_len, self.slots, self.ast_kw
-        return {"input_ids": np.zeros((batch_size, n), np.int32), "attention_mask": np.ones((batch_size, n), np.int32),
-                "span_positions": np.zeros((batch_size, s), np.int32),
-                "audio": np.zeros((batch_size, s, k["max_length"], k["num_mel_bins"]), np.float32)}
+        batch = {"input_ids": np.zeros((batch_size, n), np.int32),
+                 "attention_mask": np.ones((batch_size, n), np.int32), "span_positions": np.zeros((batch_size, s), np.int32)}
+        if (not self.model.freeze_ast) if audio is None else audio:
+            batch["audio"] = np.zeros((batch_size, s, k["max_length"], k["num_mel_bins"]), np.float32)
+        else:
+            batch["audio_vectors"] = np.zeros((batch_size, s, self.ast_width), np.float32)
+        return batch
 
     def init_variables(self, rng: jax.Array):
-        b = {k: jnp.asarray(v) for k, v in self.dummy_batch(1).items()}
+        b = {k: jnp.asarray(v) for k, v in self.dummy_batch(1, audio=True).items()}  # AST's parameters exist
         return self.model.init({"params": rng, "dropout": rng}, b["input_ids"], b["attention_mask"],
                                b["span_positions"], audio=b["audio"])
 
     def _logits(self, params, extra, batch, train: bool, rng=None):
         kw = {"rngs": {"dropout": rng}} if train else {}
+        audio = {k: batch[k] for k in ("audio", "audio_vectors") if k in batch}
         return self.model.apply({"params": params, **extra}, batch["input_ids"], batch["attention_mask"],
-                                batch["span_positions"], audio=batch["audio"], train=train, **kw)
+                                batch["span_positions"], train=train, **audio, **kw)
+
+    # --- the frozen AST's vectors ----------------------------------------------------------
+    def bind_variables(self, variables) -> None:
+        """With `model.freeze_ast`: take the run's AST parameters and compute the vector of
+        every clip the training and evaluation examples inject. Cheap when the AST
+        parameters have not changed (a restore of a frozen run)."""
+        if self.model.freeze_ast and self.set_ast_parameters(variables):
+            paths = sorted(set().union(*(self._source(split).clips() for split in ("train", "eval"))))
+            with self._vector_lock:
+                self._compute_vectors(paths)
+            log.info("frozen AST: cached the vectors of %d clips", len(paths))
+
+    def set_ast_parameters(self, variables) -> bool:
+        """Use `variables["params"]["ast"]` for the cached vectors (dropped if these
+        parameters differ from the last ones); returns whether they differ."""
+        ast = variables["params"]["ast"]
+        if jax.process_count() > 1 and not all(x.is_fully_addressable for x in jax.tree.leaves(ast)):
+            from jax.experimental import multihost_utils
+            ast = multihost_utils.process_allgather(ast, tiled=True)
+        ast = jax.tree.map(np.asarray, jax.device_get(ast))
+        digest = hashlib.sha1()
+        for x in jax.tree.leaves(ast):
+            digest.update(np.ascontiguousarray(x).tobytes())
+        with self._vector_lock:
+            if self._vector_params is not None and self._vector_params[0] == digest.hexdigest():
+                return False
+            self._vector_params = (digest.hexdigest(), {"ast": ast})
+            self._vectors = {}
+            return True
+
+    def _compute_vectors(self, paths: list[str], batch: int = 16) -> None:
+        if self._features is None:
+            self._features = ClozeSource([], None, None, self.slots, self.ast_kw, False, self.model.gate)
+        apply = _ast_vector_fn(self.model)
+        params = self._vector_params[1]
+        for start in range(0, len(paths), batch):
+            chunk = paths[start:start + batch]
+            x = np.stack([self._features.features(p) for p in chunk])
+            x = np.pad(x, ((0, batch - len(chunk)), (0, 0), (0, 0)))  # one compiled shape
+            for p, v in zip(chunk, np.asarray(apply(params, x))):
+                self._vectors[p] = v
+
+    def ast_vector_of(self, path: str) -> np.ndarray:
+        """The frozen AST's vector `[ast hidden]` of the clip at `path` (`bind_variables` first)."""
+        with self._vector_lock:
+            if self._vector_params is None:
+                raise RuntimeError("AudioBertTask: the frozen AST has no parameters (bind_variables or "
+                                   "set_ast_parameters first)")
+            if path not in self._vectors:
+                self._compute_vectors([path], batch=1)
+            return self._vectors[path]
 
     def loss_fn(self, params, extra, batch, rng):
         logits = self._logits(params, extra, batch, True, rng)
@@ -280,8 +388,10 @@ class AudioBertTask(AuditoryBenchTask):
             retriever = Retriever(self.config.retrieval, self.workdir_cache)
             if not d.text_only:
                 retriever.resolve({q for ex in examples for q in retrieval_queries(d.task, ex.spans)})
-            self._sources[split] = ClozeSource(examples, encoder, retriever,
-                                               self.slots, self.ast_kw, d.text_only, self.model.gate)
+            frozen = self.model.freeze_ast and not d.text_only
+            self._sources[split] = ClozeSource(examples, encoder, retriever, self.slots, self.ast_kw, d.text_only,
+                                               self.model.gate, vectors=self.ast_vector_of if frozen else None,
+                                               vector_width=self.ast_width)
         return self._sources[split]
 
     def prepare_data(self) -> None:

@@ -44,6 +44,11 @@ class Task(abc.ABC):
         when `config.init.checkpoint` (a whole model) is not set."""
         return {}
 
+    def bind_variables(self, variables: Variables) -> None:
+        """Called by the trainer with the run's variables (device arrays) once they are
+        initialised or loaded, and again after a restore, before any batch is read: a task
+        whose data depends on the model (a frozen encoder's cached outputs) computes it here."""
+
     def layer_scale(self, path: str) -> float:
         """Learning-rate multiplier for the parameter at `path` (layer-wise decay)."""
         return 1.0

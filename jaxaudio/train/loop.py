@@ -140,6 +140,7 @@ class Trainer:
         else:
             for part, path in self.task.pretrained_parts().items():
                 self.state = self._load_initial(path, part, what=f"config.init.{part}")
+        self.task.bind_variables({"params": self.state.params, **self.state.extra})
         step = make_train_step(self.task, self.tx, tcfg.accum_steps, tcfg.nan_guard, self.trainable)
         self.train_step = jax.jit(step, in_shardings=(self.shardings, self.batch_sharding),
                                   out_shardings=(self.shardings, None), donate_argnums=0)
@@ -223,6 +224,7 @@ class Trainer:
         latest = self.checkpointer.latest_step()
         if latest is not None:
             self.state = self.checkpointer.restore(latest, self.state, self.data_iter)
+            self.task.bind_variables({"params": self.state.params, **self.state.extra})
             log.info("restored step %d from %s", latest, self.workdir)
         return int(self.state.step)
 

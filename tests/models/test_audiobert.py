@@ -236,6 +236,11 @@ def test_linear_projection_when_widths_differ(parts):
     vec = module.apply(variables, audio[:, 0], method=AudioBert.audio_vector)
     chex.assert_shape(vec, (B, HIDDEN))
     _err(vec, _torch_vectors(parts, audio[:, :1], ast_width=24)[:, 0].numpy(), "audio_vector with Linear")
+    # Precomputed vectors are AST's (24 wide): the Linear still applies, as in a cached run.
+    pooled = module.apply(variables, audio.reshape(B * S, FRAMES, MELS), method=AudioBert.ast_vector)
+    chex.assert_shape(pooled, (B * S, 24))
+    from_vectors = module.apply(variables, ids, mask, pos, audio_vectors=pooled.reshape(B, S, 24))
+    np.testing.assert_allclose(from_vectors, got, atol=1e-5)
 
 
 # ---- the original code's golden outputs ----------------------------------------------------
@@ -354,6 +359,33 @@ def test_gradient_reaches_ast_and_adapters(parts):
     assert float(jnp.abs(grads["bert"]["layers_0"]["attention"]["query"]["lora_b"]).max()) > 0
 
 
+def test_frozen_ast_is_a_constant_of_the_clip(parts):
+    """`freeze_ast`: no gradient reaches AST, its dropout is off in training (so the vector
+    of a clip can be computed once), and the adapters and projection still train."""
+    ast = dict(parts["ast"][24][2], dropout=0.3)
+    module = AudioBert(bert=parts["bert_kwargs"], ast=ast, lora=parts["lora"], gate="span", freeze_ast=True)
+    ids, mask, pos, audio = _inputs(positions=((3, 9), (-1, -1), (5, -1), (-1, 7)))
+    variables = _variables(parts, ast_width=24)
+
+    def loss(params, rng):
+        return jnp.mean(module.apply({"params": params}, ids, mask, pos, audio, train=True,
+                                     rngs={"dropout": rng}) ** 2)
+
+    grads = jax.jit(jax.grad(loss))(variables["params"], jax.random.PRNGKey(3))
+    assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads["ast"]))
+    assert float(jnp.abs(grads["audio_proj"]["kernel"]).max()) > 0
+    assert float(jnp.abs(grads["bert"]["layers_0"]["attention"]["query"]["lora_b"]).max()) > 0
+    flat = audio.reshape(B * S, FRAMES, MELS)
+    vectors = [module.apply(variables, flat, train=True, rngs={"dropout": jax.random.PRNGKey(k)},
+                            method=AudioBert.ast_vector) for k in (1, 2)]
+    np.testing.assert_array_equal(vectors[0], vectors[1])
+    np.testing.assert_allclose(vectors[0], module.apply(variables, flat, method=AudioBert.ast_vector), atol=1e-6)
+    trained = AudioBert(bert=parts["bert_kwargs"], ast=ast, lora=parts["lora"])  # the same AST, not frozen
+    drawn = [trained.apply(variables, flat, train=True, rngs={"dropout": jax.random.PRNGKey(k)},
+                           method=AudioBert.ast_vector) for k in (1, 2)]
+    assert not np.allclose(drawn[0], drawn[1])
+
+
 def test_input_errors(fresh):
     module, boxed = fresh
     variables = nn.unbox(boxed)
@@ -367,7 +399,7 @@ def test_input_errors(fresh):
         module.apply(variables, ids, mask, np.zeros((B, 3), np.int32), audio)
     with pytest.raises(ValueError, match=r"span_positions must be \[batch, spans\] = \[4, S\]"):
         module.apply(variables, ids, mask, pos[:2], audio)
-    with pytest.raises(ValueError, match=r"audio_vectors must be \[batch, spans, bert hidden\] = \[4, 2, 32\]"):
+    with pytest.raises(ValueError, match=r"audio_vectors must be \[batch, spans, ast hidden\] = \[4, 2, 32\]"):
         module.apply(variables, ids, mask, pos, audio_vectors=vectors[..., :8])
     bad = pos.copy()
     bad[2, 1] = L
