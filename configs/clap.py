@@ -58,7 +58,7 @@ def get_config(variant: str = "fusion") -> ConfigDict:
         data_threads=16, data_prefetch=4, loss_scale="laion"))
 
     c.optim = ConfigDict(dict(
-        lr=1e-4, min_lr=0.0, warmup_steps=3200, total_steps=c.train.steps, b1=0.9, b2=0.999, eps=1e-8,
+        lr=1e-4, min_lr=0.0, warmup_steps=3200, total_steps=0, b1=0.9, b2=0.999, eps=1e-8,
         weight_decay=0.0, layer_decay=1.0, max_grad_norm=0.0, trainable=".*", frozen="",
         no_decay=r".*(bias|scale|logit_scale_[at])",
         clamp=((r"logit_scale_[at]", 0.0, math.log(100.0)),)))

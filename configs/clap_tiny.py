@@ -22,6 +22,6 @@ def get_config():
     c.data.features.update(dict(num_mel_bins=32, max_length_s=1.0))
     c.train.update(dict(steps=1000, batch_size=64, eval_batch_size=100, log_every=25, eval_every=500,
                         checkpoint_every=250, data_threads=2, data_prefetch=2))
-    c.optim.update(dict(lr=1e-3, warmup_steps=100, total_steps=c.train.steps, weight_decay=0.0))
+    c.optim.update(dict(lr=1e-3, warmup_steps=100, total_steps=0, weight_decay=0.0))
     c.mesh.update(dict(data=-1))
     return c

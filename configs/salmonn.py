@@ -55,7 +55,7 @@ def base_config(stage: str | None, llm: dict, name: str) -> ConfigDict:
         checkpoint_every=3000, keep_checkpoints=3, nan_guard=True, data_threads=8, data_prefetch=4))
     c.eval = ConfigDict(dict(num_beams=4, max_new_tokens=200, lora_scale=None))
     c.optim = ConfigDict(dict(
-        schedule="lavis", lr=3e-5, min_lr=1e-5, warmup_start_lr=1e-6, warmup_steps=3000, total_steps=c.train.steps,
+        schedule="lavis", lr=3e-5, min_lr=1e-5, warmup_start_lr=1e-6, warmup_steps=3000, total_steps=0,
         b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05, max_grad_norm=0.0,
         trainable=r".*(connector|lora_[ab]).*", frozen="", no_decay=r".*(bias|scale)"))
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))

@@ -54,7 +54,7 @@ def get_config(stage: str | None = None):
     if stage == 3:  # a short tuning on a few long answers
         c.train.update(dict(steps=100, batch_size=8, eval_every=100, checkpoint_every=100))
     c.eval.update(dict(num_beams=4, max_new_tokens=32))
-    c.optim.update(dict(lr=2e-3, min_lr=2e-4, warmup_start_lr=1e-5, warmup_steps=50, total_steps=c.train.steps,
+    c.optim.update(dict(lr=2e-3, min_lr=2e-4, warmup_start_lr=1e-5, warmup_steps=50, total_steps=0,
                         trainable=r".*(connector|lora_[ab]|llm/lm_head|llm/norm).*"))
     c.init.update(dict(whisper="", beats="", llm=""))
     return c

@@ -43,7 +43,7 @@ def get_config() -> ConfigDict:
         direction_sigma=0.0))  # degrees; 0 = hard direction targets, as the original
 
     c.optim = ConfigDict(dict(
-        lr=1e-3 * batch / 256, min_lr=1e-6, warmup_steps=10 * steps_per_epoch, total_steps=c.train.steps,
+        lr=1e-3 * batch / 256, min_lr=1e-6, warmup_steps=10 * steps_per_epoch, total_steps=0,
         b1=0.9, b2=0.999, eps=1e-8, weight_decay=5e-4, layer_decay=0.75, max_grad_norm=0.0,
         # What trains (regex over '/'-joined parameter paths); pos_embed is fixed, as in the original.
         trainable=".*", frozen="pos_embed",

@@ -34,5 +34,5 @@ def get_config() -> ConfigDict:
     c.train.update(dict(steps=800, batch_size=32, eval_batch_size=50, log_every=20, eval_every=400,
                         checkpoint_every=200, data_threads=2, data_prefetch=2,
                         loss_weights=(1250.0 * 16 / 355, 1.0, 2.0, 2.0), direction_sigma=10.0))
-    c.optim.update(dict(lr=1e-3, warmup_steps=100, total_steps=c.train.steps, weight_decay=0.05, layer_decay=1.0))
+    c.optim.update(dict(lr=1e-3, warmup_steps=100, total_steps=0, weight_decay=0.05, layer_decay=1.0))
     return c

@@ -116,7 +116,7 @@ def jax_train_step(config, batch: int, all_devices: bool):
     from jaxaudio.train.flops import compiled_flops, spatial_ast_train_flops
     from jaxaudio.train.loop import make_train_step
     from jaxaudio.train.mesh import batch_sharding, make_mesh
-    from jaxaudio.train.optim import make_optimizer, trainable_mask
+    from jaxaudio.train.optim import make_optimizer, resolve_total_steps, trainable_mask
     from jaxaudio.train.state import create_sharded_state
 
     task = get_task(config.task)(config)  # no prepare_data(): the batch is random
@@ -125,6 +125,7 @@ def jax_train_step(config, batch: int, all_devices: bool):
         raise ValueError(f"--batch={batch} must be divisible by the {mesh.devices.size} devices of the mesh")
     rng = jax.random.PRNGKey(config.seed)
     abstract = jax.eval_shape(task.init_variables, rng)
+    resolve_total_steps(config)
     tx, _ = make_optimizer(config.optim, nn.unbox(abstract)["params"], task.layer_scale)
     # As in the trainer: the out_shardings place the state.
     state, shardings = create_sharded_state(task.init_variables, tx, rng, mesh, DEFAULT_RULES)

@@ -5,15 +5,16 @@
 
 Prints the task's metrics next to chance (the task's own table if it has `format_results`).
 """
+import sys
+
 from absl import app, flags
 from ml_collections import config_flags
 
-from launch.common import check_config, parse_flags, setup_jax
+from launch.common import check_config, parse_flags, setup_jax, user_errors
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's workdir: its latest checkpoint is evaluated.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Or: a converted checkpoint (launch/convert.py).")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
 flags.mark_flags_as_required(["config"])
 
 
@@ -36,17 +37,22 @@ def main(argv):
     del argv
     if bool(_WORKDIR.value) == bool(_CHECKPOINT.value):
         raise app.UsageError("pass exactly one of --workdir or --checkpoint")
-    setup_jax(_DISTRIBUTED.value)
+    setup_jax()
     config = check_config(_CONFIG.value)
     from jaxaudio.train.loop import Trainer
     with config.unlocked():
         config.init.checkpoint = _CHECKPOINT.value or ""
-    trainer = Trainer(config, _WORKDIR.value or "/tmp/jaxaudio_eval")
-    if _WORKDIR.value:
-        step = trainer.restore_or_init()
-        if step == 0:
-            raise app.UsageError(f"--workdir={_WORKDIR.value} holds no checkpoint")
-    metrics = trainer.evaluate()
+    try:
+        trainer = Trainer(config, _WORKDIR.value or "/tmp/jaxaudio_eval")
+        if _WORKDIR.value:
+            # Only reads: a damaged checkpoint is skipped, not moved (the run may still be going).
+            step = trainer.restore_or_init(move_damaged=False)
+            if step == 0:
+                raise app.UsageError(f"--workdir={_WORKDIR.value} holds no checkpoint")
+        metrics = trainer.evaluate()
+    except user_errors() as e:
+        sys.stderr.write(f"{e}\n")
+        sys.exit(2)
     task_table = getattr(trainer.task, "format_results", None)
     print(task_table(metrics) if task_table else format_table(metrics))
 

@@ -18,8 +18,20 @@ WEIGHT_NAMES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
                 "pytorch_model.bin.index.json")
 
 
+def _import_torch():
+    """torch, or an error saying how to get it: it is not a runtime requirement (only
+    `.bin`/`.pth`/`.pt` sources need it; safetensors do not)."""
+    try:
+        import torch
+    except ImportError:
+        raise ConversionError("reading a PyTorch checkpoint (.bin/.pth/.pt/.ckpt) needs torch, which "
+                              "requirements.txt leaves out: pip install torch (the CPU build is enough), "
+                              "or convert from a .safetensors file") from None
+    return torch
+
+
 def _torch_to_numpy(t) -> np.ndarray:
-    import torch
+    torch = _import_torch()
     if t.dtype in (torch.bfloat16, torch.float16):
         t = t.float()
     return t.detach().cpu().numpy()
@@ -40,7 +52,7 @@ def _flatten_tensors(obj: Any, prefix: str = "") -> dict[str, Any]:
 def _load_torch(path: str, allow_pickle: bool) -> Any:
     import pickle
 
-    import torch
+    torch = _import_torch()
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

@@ -62,6 +62,33 @@ _FIELD_CHECKS = {
 }
 
 
+MAX_LISTED = 50  # problems listed in one error message; the rest are counted
+
+
+def _read_lines(path: str) -> list[str]:
+    try:
+        # utf-8-sig: a manifest saved by a Windows editor starts with a byte-order mark.
+        with open(path, encoding="utf-8-sig") as f:
+            return f.readlines()
+    except OSError as e:
+        raise ManifestError(f"cannot read manifest {path}: {e}") from e
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"manifest {path} is not UTF-8 text (byte {e.start}): is it a jsonl file?") from None
+
+
+def record_lines(path: str | os.PathLike) -> list[int]:
+    """The 1-based line number of each record `read_manifest(path)` returns, in order."""
+    return [n for n, line in enumerate(_read_lines(os.fspath(path)), start=1) if line.strip()]
+
+
+def _line_problems(rec, required: Sequence[str]) -> list[str]:
+    if not isinstance(rec, dict):
+        return [f"expected a JSON object, got {type(rec).__name__}"]
+    out = [f"missing field {field!r}" for field in required if field not in rec]
+    return out + [f"field {field!r} must be {what}, got {rec[field]!r}"
+                  for field, (ok, what) in _FIELD_CHECKS.items() if field in rec and not ok(rec[field])]
+
+
 def read_manifest(path: str | os.PathLike,
                   required: Sequence[str] = DEFAULT_REQUIRED) -> list[dict]:
     """Reads and checks a jsonl manifest.
@@ -74,39 +101,36 @@ def read_manifest(path: str | os.PathLike,
         one dict per record, in file order.
 
     Raises:
-        ManifestError: the file is missing, a line is not a JSON object, a `required`
-            field is missing, or a known field has the wrong type or range; the message
-            gives the file, the 1-based line number and the field.
+        ManifestError: the file is missing or not UTF-8 text, a line is not a JSON object,
+            a `required` field is missing, or a known field has the wrong type or range.
+            Every bad line is listed (`path:LINE: problem`, the first `MAX_LISTED`).
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.readlines()
-    except OSError as e:
-        raise ManifestError(f"cannot read manifest {path}: {e}") from e
-    records = []
-    for lineno, line in enumerate(lines, start=1):
+    records, problems = [], []
+    for lineno, line in enumerate(_read_lines(path), start=1):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ManifestError(f"{where}: invalid JSON ({e.msg})") from e
-        if not isinstance(rec, dict):
-            raise ManifestError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-        for field in required:
-            if field not in rec:
-                raise ManifestError(f"{where}: missing field {field!r}")
-        for field, (ok, what) in _FIELD_CHECKS.items():
-            if field in rec and not ok(rec[field]):
-                raise ManifestError(f"{where}: field {field!r} must be {what}, "
-                                    f"got {rec[field]!r}")
+            problems.append(f"{where}: invalid JSON ({e.msg})")
+            continue
+        bad = _line_problems(rec, required)
+        problems += [f"{where}: {p}" for p in bad]
+        if bad:
+            continue
         for field in PATH_FIELDS:
             if rec.get(field) is not None:
                 rec[field] = os.path.normpath(os.path.join(folder, rec[field]))
         records.append(rec)
+    if len(problems) == 1:
+        raise ManifestError(problems[0])
+    if problems:
+        listed = problems[:MAX_LISTED] + ([f"... and {len(problems) - MAX_LISTED} more"]
+                                          if len(problems) > MAX_LISTED else [])
+        raise ManifestError(f"{path}: {len(problems)} problems\n  " + "\n  ".join(listed))
     return records
 
 
@@ -220,10 +244,12 @@ def write_classes(path: str | os.PathLike, names: Sequence[str]) -> None:
 def read_classes(path: str | os.PathLike) -> list[str]:
     """Reads a class list written by `write_classes`; index = 0-based line number."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             names = f.read().splitlines()
     except OSError as e:
         raise ManifestError(f"cannot read class list {path}: {e}") from e
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"class list {path} is not UTF-8 text (byte {e.start})") from None
     for lineno, name in enumerate(names, start=1):
         if not name.strip():
             raise ManifestError(f"{path}:{lineno}: empty class name")

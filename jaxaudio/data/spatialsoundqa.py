@@ -42,7 +42,10 @@ def read_reverb_index(path: str | os.PathLike) -> dict[str, dict]:
             source_position (the message names the file and the entry).
     """
     with open(path, encoding="utf-8") as f:
-        doc = json.load(f)
+        try:
+            doc = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not a JSON file ({e})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
         raise ValueError(f"{path}: expected an object with a 'data' list")
     index = {}

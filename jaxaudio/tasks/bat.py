@@ -20,6 +20,7 @@ and scores the text with `eval.spatial_qa` next to chance.
 """
 import json
 import logging
+import os
 from typing import Any
 
 import grain
@@ -30,6 +31,7 @@ import numpy as np
 from jaxaudio.data import spatial_qa as sqa
 from jaxaudio.data import spatialsoundqa as ssqa
 from jaxaudio.data.tokenizer import TextTokenizer, ensure_tokenizer
+from jaxaudio.data.validate import ClipSpec, check_files, raise_if, record_files
 from jaxaudio.eval.spatial_qa import chance_metrics, format_table, score
 from jaxaudio.generate import generate
 from jaxaudio.models.audio_llm import IGNORE, answer_token_stats, build_sequence, llm_adapters, text_loss
@@ -137,6 +139,7 @@ class BatTask(Task):
         super().__init__(config)
         self._tokenizer: TextTokenizer | None = None
         self._splits: dict[str, tuple[list[dict], list[dict]]] = {}
+        self._origins: dict[str, list[str]] = {}
 
     def build_model(self) -> Bat:
         return Bat(**model_kwargs(self.config.model))
@@ -239,11 +242,15 @@ class BatTask(Task):
 
     def prepare_data(self) -> None:
         """Generate the data (every question type, so one tokenizer serves all stages) and
-        train the tokenizer on its training text, unless both exist with these settings."""
+        train the tokenizer on its training text, unless both exist with these settings;
+        then check the data (`check_data`)."""
         self._part_sources()  # fail before minutes of data generation
+        if self.config.data.generate:
+            self._generate()
+        self.check_data()
+
+    def _generate(self) -> None:
         d = self.config.data
-        if not d.generate:
-            return
         paths = sqa.ensure_spatial_qa(d.root, d.num_train, d.num_eval, d.seed, clip_seconds=d.clip_seconds,
                                       stage_types=sqa.STAGES[max(sqa.STAGES)], num_workers=d.num_workers or None)
         with open(paths["params"]) as f:
@@ -258,6 +265,25 @@ class BatTask(Task):
         ensure_tokenizer(self.tokenizer_path, texts, self.model.parts()[2].vocab_size, data_params)
         self._tokenizer = None
 
+    def check_data(self) -> None:
+        """Before the first step: the stage has questions in the training and (when it will be
+        read) evaluation split, and every clip and binaural room response they use can be read
+        (`data.validate`, headers only; each file once however many questions share it)."""
+        d = self.config.data
+        splits = ["train"] + (["eval"] if d.generate or d.eval_json or self.config.train.get("eval_every") else [])
+        problems = []
+        for split in splits:
+            records, origins = self._split(split)[0], self._origins[split]
+            if not records:
+                files = sqa.layout_paths(d.root)[split] if d.generate else d[f"{split}_json"]
+                problems.append(f"{files}: no question of stage {self.stage}'s types "
+                                f"{''.join(sqa.STAGES[self.stage])} (config.stage)")
+            problems += check_files((where, path, check) for where, r in zip(origins, records)
+                                    for path, check in record_files(r, ClipSpec()))
+        raise_if(problems, f"BAT stage {self.stage} data (config.data) that cannot train",
+                 hint="" if d.generate else f"Clips are config.data.audio_root/<audio_id>{d.ext_audio}, room "
+                                            "responses config.data.reverb_root/binaural/<reverb_id>.")
+
     def _split(self, split: str) -> tuple[list[dict], list[dict]]:
         """`(records, items)` of the stage's questions in `split` (at most `data.eval_limit`
         evaluation items when it is set): reader records and the QA items they came from."""
@@ -266,19 +292,25 @@ class BatTask(Task):
             if d.generate:
                 paths = sqa.layout_paths(d.root)
                 items = ssqa.read_qa_items(paths[split])
+                files = [paths[split]] * len(items)
                 records = sqa.split_records(d.root, split)
             else:
-                files = [f for f in str(d[f"{split}_json"]).split(",") if f]
                 for field in (f"{split}_json", f"{split}_reverb_json", "audio_root", "reverb_root"):
                     if not d[field]:
                         raise ValueError(f"config.data.{field} is required when config.data.generate is False")
-                items = [it for f in files for it in ssqa.read_qa_items(f)]
+                    missing = [f for f in str(d[field]).split(",") if f and not os.path.exists(f)]
+                    if missing:
+                        raise FileNotFoundError(f"config.data.{field}: {missing[0]} does not exist")
+                pairs = [(f, it) for f in str(d[f"{split}_json"]).split(",") if f for it in ssqa.read_qa_items(f)]
+                files, items = [f for f, _ in pairs], [it for _, it in pairs]
                 records = ssqa.qa_records(items, ssqa.read_reverb_index(d[f"{split}_reverb_json"]), d.audio_root,
                                           d.reverb_root, ext_audio=d.ext_audio)
             keep = stage_filter(items, self.stage)
             if split == "eval" and d.eval_limit:
                 keep = keep[:d.eval_limit]
             self._splits[split] = ([records[i] for i in keep], [items[i] for i in keep])
+            # Where each kept question came from, for `check_data`'s lines.
+            self._origins[split] = [f"{files[i]}: question_id {items[i].get('question_id')!r}" for i in keep]
         return self._splits[split]
 
     def _source(self, split: str) -> grain.MapDataset:

@@ -26,6 +26,7 @@ import optax
 from jaxaudio.data.audio import load_audio
 from jaxaudio.data.manifest import read_classes, read_manifest
 from jaxaudio.data.tokenizer import TextTokenizer, ensure_tokenizer
+from jaxaudio.data.validate import ClipSpec, check_manifest, raise_if
 from jaxaudio.eval.retrieval import retrieval_metrics
 from jaxaudio.features.clap import ClapFeatureSettings, clap_input_features
 from jaxaudio.models.bert import Bert
@@ -112,14 +113,17 @@ class CaptionSource:
                 **self.text(self.captions(i)[0]), "label": np.int32(label), "index": np.int32(i)}
 
 
+def _caption_problem(record: dict) -> str | None:
+    caption = record.get("caption")
+    ok = isinstance(caption, str) and caption.strip() or (
+        isinstance(caption, list) and caption and all(isinstance(c, str) and c.strip() for c in caption))
+    return None if ok else "needs a non-empty 'caption' (a string or a list of strings)"
+
+
 def _check_records(records: list[dict], path: str) -> None:
     for n, r in enumerate(records, start=1):
-        caption = r.get("caption")
-        ok = isinstance(caption, str) and caption.strip() or (
-            isinstance(caption, list) and caption and all(isinstance(c, str) and c.strip() for c in caption))
-        if not ok:
-            raise ValueError(f"{path}: record {n} ({r.get('audio')}) needs a non-empty 'caption' "
-                             "(a string or a list of strings)")
+        if problem := _caption_problem(r):
+            raise ValueError(f"{path}: record {n} ({r.get('audio')}) {problem}")
 
 
 @register("clap")
@@ -246,10 +250,29 @@ class CLAPTask(Task):
     def prepare_data(self) -> None:
         """Generate the captioned corpus (`data.corpus`: "clap", the captioned procedural sounds,
         or "auditorybench", AudioBERT's invented sound sources) and train the tokenizer on its
-        captions, unless both exist."""
+        captions, unless both exist; then check the data (`check_data`)."""
+        if self.config.data.generate:
+            self._generate()
+        self.check_data()
+
+    def check_data(self) -> None:
+        """Before the first step: every record of the training and (when it will be read)
+        evaluation manifest has a caption, a `label` in `data.classes` (when both are given),
+        and a clip that can be read (`data.validate`: headers only; any channels and rate)."""
         d = self.config.data
-        if not d.generate:
-            return
+        splits = ["train"] + (["eval"] if d.generate or d.eval_manifest or self.config.train.get("eval_every") else [])
+        manifests = list(dict.fromkeys(self._paths(split)[0] for split in splits))  # one file may serve both
+        classes_path = self._paths("eval")[1] if len(splits) > 1 else ""
+        classes = read_classes(classes_path) if classes_path else None
+        problems = []
+        for manifest in manifests:
+            records = read_manifest(manifest, required=("audio", "caption"))
+            problems += check_manifest(manifest, records, ClipSpec(), classes=classes, classes_name=classes_path,
+                                       label_field="label", record_check=_caption_problem)
+        raise_if(problems, "CLAP data (config.data) that cannot train")
+
+    def _generate(self) -> None:
+        d = self.config.data
         corpus = d.get("corpus", "clap")
         if corpus == "auditorybench":
             from jaxaudio.data.auditorybench_corpus import ensure_auditorybench_corpus

@@ -37,6 +37,7 @@ from jaxaudio.data import salmonn_data as sd
 
 from jaxaudio.data import salmonn_corpus as sc
 from jaxaudio.data.tokenizer import TextTokenizer, ensure_tokenizer
+from jaxaudio.data.validate import ClipSpec, check_files, clip_check, raise_if
 from jaxaudio.eval import text_metrics
 from jaxaudio.models.audio_llm import IGNORE, answer_token_stats, build_sequence, left_pad, text_loss
 from jaxaudio.models.beats import BEATs
@@ -175,6 +176,7 @@ class SalmonnTask(Task):
         super().__init__(config)
         self._tokenizer: TextTokenizer | None = None
         self._items: dict[str, list[dict]] = {}
+        self._origins: dict[str, list[str]] = {}
         self._sources: dict[str, ClipSource] = {}
 
     def build_model(self) -> Salmonn:
@@ -306,11 +308,35 @@ class SalmonnTask(Task):
         return sc.STAGES[min(self.stage, 2) if split == "eval" else self.stage]
 
     def prepare_data(self) -> None:
-        """Generate the corpus and train the tokenizer on its text, unless both exist."""
+        """Generate the corpus and train the tokenizer on its text, unless both exist; then
+        check the data (`check_data`)."""
         self.pretrained_parts()  # fail before minutes of data generation
+        if self.config.data.generate:
+            self._generate()
+        self.check_data()
+
+    def check_data(self) -> None:
+        """Before the first step: the training and (when it will be read) evaluation split
+        have items of the chosen tasks, and every clip they use (`path`, `expand_wav`) can be
+        read (`data.validate`: headers only; any channel count and rate, as `load_clip` takes)."""
         d = self.config.data
-        if not d.generate:
-            return
+        splits = ["train"] + (["eval"] if d.generate or d.eval_json or self.config.train.get("eval_every") else [])
+        problems = []
+        for split in splits:
+            items, origins = self._split(split), self._origins[split]
+            if not items:
+                chosen, key = self.stage_tasks(split), "tasks" if split == "train" else "eval_tasks"
+                which = f" of the tasks {','.join(chosen)} (config.data.{key})" if chosen else ""
+                problems.append(f"{','.join(self.annotation_files(split))}: no item{which}")
+            check = clip_check(ClipSpec())
+            problems += check_files((where, path, check) for where, it in zip(origins, items)
+                                    for path in [it["path"], *(it.get("expand_wav") or ())])
+        raise_if(problems, f"SALMONN stage {self.stage} data (config.data) that cannot train",
+                 hint="" if d.generate else "Relative clip paths are resolved against config.data.audio_root, "
+                                            "or the annotation file's folder when it is empty.")
+
+    def _generate(self) -> None:
+        d = self.config.data
         tasks = tuple(t for t in sc.ALL_TASKS if t in sc.available_tasks())
         paths = sc.ensure_salmonn_corpus(d.root, d.num_train, d.num_eval, d.seed, tasks=tasks,
                                          num_workers=d.num_workers or None)
@@ -333,13 +359,16 @@ class SalmonnTask(Task):
     def _split(self, split: str) -> list[dict]:
         if split not in self._items:
             d = self.config.data
-            items = [it for f in self.annotation_files(split) for it in sd.read_annotations(f, d.audio_root or None)]
+            # (where, item): where names the file and index, for `check_data`'s lines.
+            pairs = [(f"{f}: annotation[{i}]", it) for f in self.annotation_files(split)
+                     for i, it in enumerate(sd.read_annotations(f, d.audio_root or None))]
             tasks = self.stage_tasks(split)
             if tasks:
-                items = [it for it in items if it["task"] in tasks]
+                pairs = [(w, it) for w, it in pairs if it["task"] in tasks]
             if split == "eval" and d.eval_limit:
-                items = items[:d.eval_limit]
-            self._items[split] = items
+                pairs = pairs[:d.eval_limit]
+            self._items[split] = [it for _, it in pairs]
+            self._origins[split] = [w for w, _ in pairs]
         return self._items[split]
 
     def _source(self, split: str) -> ClipSource:

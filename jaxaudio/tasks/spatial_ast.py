@@ -10,6 +10,7 @@ import numpy as np
 from jaxaudio.data.audio import fit_length, load_audio
 from jaxaudio.data.manifest import labels_to_multihot, read_classes, read_manifest
 from jaxaudio.data.spatialsoundqa import render_record
+from jaxaudio.data.validate import ClipSpec, check_manifest, raise_if
 from jaxaudio.eval.spatial import chance_spatial_metrics, spatial_ast_metrics
 from jaxaudio.models.spatial_ast import SpatialAST, spatial_ast_loss
 from jaxaudio.tasks import register
@@ -123,13 +124,31 @@ class SpatialASTTask(Task):
 
     # --- data --------------------------------------------------------------------------
     def prepare_data(self) -> None:
+        """Generate the scenes (`data.generate`), then check every clip and label (`check_data`)."""
         d = self.config.data
-        if not d.generate:
-            return
-        from jaxaudio.data.scenes import ensure_scenes
-        for split, n, seed in (("train", d.num_train, d.seed), ("eval", d.num_eval, d.seed + 1)):
-            ensure_scenes(d.root, n, seed, sample_rate=self.model.sample_rate, clip_seconds=d.clip_seconds,
-                          split_name=split, num_workers=d.num_workers)
+        if d.generate:
+            from jaxaudio.data.scenes import ensure_scenes
+            for split, n, seed in (("train", d.num_train, d.seed), ("eval", d.num_eval, d.seed + 1)):
+                ensure_scenes(d.root, n, seed, sample_rate=self.model.sample_rate, clip_seconds=d.clip_seconds,
+                              split_name=split, num_workers=d.num_workers)
+        self.check_data()
+
+    def check_data(self) -> None:
+        """Before the first step: the class list's length, and every record of the training and
+        (when it will be read) evaluation manifest: its labels, its clip (2 channels, any rate)
+        or, for official-layout records, its mono clip and room response (`data.validate`)."""
+        d = self.config.data
+        splits = ["train"] + (["eval"] if d.generate or d.eval_manifest or self.config.train.get("eval_every") else [])
+        problems = []
+        for split in splits:
+            manifest, classes_path = self._paths(split)
+            classes = read_classes(classes_path)
+            if len(classes) != self.model.num_classes and split == "train":
+                problems.append(f"{classes_path}: lists {len(classes)} classes, but config.model.num_classes="
+                                f"{self.model.num_classes}")
+            problems += check_manifest(manifest, read_manifest(manifest), ClipSpec(channels=2), classes=classes,
+                                       classes_name=classes_path)
+        raise_if(problems, "Spatial-AST data (config.data) that cannot train")
 
     def _paths(self, split: str) -> tuple[str, str]:
         d = self.config.data

@@ -1,37 +1,170 @@
-"""Orbax checkpoints of the train state *and* the grain iterator position."""
+"""Orbax checkpoints of the train state that restore on any mesh and any number of processes.
+
+Only the state is saved: the data position is the step itself (`train.batches`: the global
+batch of step s is a function of the seed and s), so nothing in a checkpoint depends on the
+layout that wrote it. Arrays are restored into the shardings of the target (the current
+mesh) or, without a target, onto one local device.
+
+A checkpoint that cannot be restored (a truncated or garbled file, a missing item, an empty
+step folder) is never deleted: the trainer moves it to `<workdir>/checkpoints.damaged/`,
+warns once naming it, and restores the one before. A checkpoint whose shapes do not fit the
+model is not damaged: that is an error naming the differing keys.
+"""
+import logging
 import os
+import shutil
+import sys
+import time
 from typing import Any
 
-import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+log = logging.getLogger(__name__)
+
+
+def _reason(error: Exception) -> str:
+    text = " ".join(str(error).split()).split(" See full TensorStore details")[0]
+    return text[:240] or type(error).__name__
+
+
+def _quiet_failed_reads() -> None:
+    """After a failed restore, tensorstore's pending reads finish on a closed event loop and
+    print a page of "Event loop is closed" tracebacks each: drop those (and only those)."""
+    if getattr(sys.unraisablehook, "_jaxaudio", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        e = unraisable.exc_value
+        if (isinstance(e, RuntimeError) and str(e) == "Event loop is closed") or \
+                "_read_array_index" in repr(unraisable.object):
+            return
+        previous(unraisable)
+    hook._jaxaudio = True
+    sys.unraisablehook = hook
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint is readable but holds another model's shapes."""
+
+
+def _manager(directory: str, every: int = 1, keep: int | None = None, create: bool = False) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep, create=create,
+                                                        enable_async_checkpointing=False),
+        item_handlers={"state": ocp.StandardCheckpointHandler()})
+
+
+def _key(entry) -> str:
+    for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey: orbax's metadata has dicts only
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def _shapes(tree) -> dict[str, tuple]:
+    """`{"params/a/w": shape}` of a state or of its checkpoint metadata (same keys for both)."""
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    return {"/".join(_key(e) for e in path): tuple(getattr(v, "shape", ())) for path, v in leaves}
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, target: Any | None) -> Any:
+    """Restore step `step`'s state into `target` (a tree of arrays or ShapeDtypeStructs with
+    shardings), or onto one local device when `target` is None."""
+    meta = manager.item_metadata(step)
+    meta = meta["state"] if meta is not None and "state" in meta else None
+    if meta is None:
+        raise FileNotFoundError(f"step {step} has no readable 'state' item")
+    if target is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
+    else:
+        want, have = _shapes(target), _shapes(meta)
+        if want != have:
+            keys = sorted({k for k in set(want) | set(have) if want.get(k) != have.get(k)})
+            lines = [f"{k}: checkpoint {have.get(k, 'absent')}, model {want.get(k, 'absent')}" for k in keys]
+            raise CheckpointMismatch(f"checkpoint step {step} does not fit the model:\n  " + "\n  ".join(lines[:40]))
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
 
 
 class Checkpointer:
-    """Saves `{state, data}` every `every` steps under `workdir/checkpoints`, keeping `keep`."""
+    """Saves the state every `every` steps under `workdir/checkpoints`, keeping `keep`."""
 
     def __init__(self, workdir: str, every: int, keep: int = 3):
-        self.manager = ocp.CheckpointManager(
-            os.path.join(os.path.abspath(workdir), "checkpoints"),
-            options=ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep,
-                                                 create=True, enable_async_checkpointing=False),
-            item_handlers={"state": ocp.StandardCheckpointHandler(),
-                           "data": grain.checkpoint.CheckpointHandler()})
+        self.workdir = os.path.abspath(workdir)
+        self.directory = os.path.join(self.workdir, "checkpoints")
+        self.manager = _manager(self.directory, every, keep, create=True)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, data_iter: Any, force: bool = False) -> bool:
-        return self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter)), force=force)
+    def save(self, step: int, state: Any, force: bool = False) -> bool:
+        if step in self.manager.all_steps():
+            return False
+        return self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=force)
 
-    def restore(self, step: int, abstract_state: Any, data_iter: Any) -> Any:
-        """Restore into `abstract_state`'s shapes and shardings; moves `data_iter` in place."""
-        target = jax.tree.map(lambda x: ocp.utils.to_shape_dtype_struct(x), abstract_state)
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(data_iter)))
-        return out["state"]
+    def restore_latest(self, target: Any, move_damaged: bool = True) -> tuple[int | None, Any]:
+        """`(step, state)` of the newest checkpoint that restores into `target`'s shapes and
+        shardings; `(None, target)` when there is none. Damaged ones are moved aside (or,
+        without `move_damaged`, skipped with a warning)."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                return step, _restore(self.manager, step, target)
+            except CheckpointMismatch as e:
+                raise ValueError(f"{self.directory}: {e}") from None
+            except Exception as e:  # noqa: BLE001 — orbax/tensorstore raise many types for a bad file
+                _quiet_failed_reads()
+                if move_damaged:
+                    self._move_aside(step, e)
+                else:
+                    log.warning("checkpoint step %d in %s cannot be restored (%s); trying the one before", step,
+                                self.directory, _reason(e))
+        return None, target
+
+    def _move_aside(self, step: int, error: Exception) -> None:
+        reason = _reason(error)
+        damaged = os.path.join(self.workdir, "checkpoints.damaged")
+        dest = os.path.join(damaged, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if jax.process_index() == 0:
+            os.makedirs(damaged, exist_ok=True)
+            shutil.move(os.path.join(self.directory, str(step)), dest)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"jaxaudio:damaged:{step}")
+        log.warning("checkpoint step %d in %s cannot be restored (%s): moved to %s; trying the one before",
+                    step, self.directory, reason, dest)
+        self.manager.reload()
 
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def restore_run_variables(workdir: str) -> tuple[int, dict[str, Any]]:
+    """`(step, {"params": ..., <extra collections>...})` as numpy, from the newest readable
+    checkpoint of the run in `workdir`, whatever mesh or process count saved it. A damaged
+    checkpoint is skipped with a warning (and left where it is: this only reads)."""
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(directory):
+        raise ValueError(f"{workdir}: not a training run's workdir (no checkpoints folder)")
+    manager = _manager(directory)
+    try:
+        steps = sorted(manager.all_steps(), reverse=True)
+        if not steps:
+            raise ValueError(f"{workdir}: the run has saved no checkpoint yet")
+        for step in steps:
+            try:
+                state = _restore(manager, step, None)
+            except Exception as e:  # noqa: BLE001
+                _quiet_failed_reads()
+                log.warning("checkpoint step %d in %s cannot be restored (%s); trying the one before", step,
+                            directory, _reason(e))
+                continue
+            variables = {"params": state["params"], **state["extra"]}
+            return step, jax.tree.map(np.asarray, variables)
+        raise ValueError(f"{workdir}: none of its checkpoints {steps} can be restored")
+    finally:
+        manager.close()

@@ -2,9 +2,12 @@
 
 Sharding is `jax.jit` with explicit in/out shardings over the mesh from `config.mesh`;
 the train state is donated; gradients may be accumulated over micro-batches and are
-guarded against NaN/Inf (a bad step leaves the state unchanged and is counted). The
-train state and the data iterator are checkpointed together, so a restarted run with the
-same `workdir` continues exactly where it stopped.
+guarded against NaN/Inf (a bad step leaves the state unchanged and is counted). Only the
+train state is checkpointed: the data position is the step (`train.batches`), so a run
+restarted with the same `workdir` continues exactly where it stopped, on any mesh and any
+number of processes. The first start stores the resolved config in the workdir; a restart
+that would change the results is refused (`train.run_config`). SIGTERM / SIGINT finish the
+step, save it and stop (`train.preemption`).
 """
 import contextlib
 import functools
@@ -14,7 +17,6 @@ import re
 from typing import Any
 
 import flax.linen as nn
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,9 +29,13 @@ from jaxaudio.convert.io import load_converted
 from jaxaudio.layers.partitioning import DEFAULT_RULES
 from jaxaudio.tasks import get_task
 from jaxaudio.tasks.base import Task, eval_batches
-from jaxaudio.train.checkpoint import Checkpointer
+from jaxaudio.train.batches import train_batches
+from jaxaudio.train.checkpoint import Checkpointer, restore_run_variables
 from jaxaudio.train.mesh import batch_sharding, make_mesh
-from jaxaudio.train.optim import make_optimizer, trainable_mask
+from jaxaudio.train.optim import make_optimizer, resolve_total_steps, trainable_mask
+from jaxaudio.train.preemption import Preempted, PreemptionGuard
+from jaxaudio.train.run_config import check_run_config
+from jaxaudio.train.settings import check_settings
 from jaxaudio.train.state import TrainState, create_sharded_state, split_variables
 from jaxaudio.train.writer import MetricWriter
 
@@ -90,22 +96,10 @@ def is_run_dir(path: str) -> bool:
 
 
 def load_run_variables(workdir: str) -> dict[str, Any]:
-    """`{"params": ..., <extra collections>...}` (numpy) of the latest checkpoint of the
-    training run in `workdir`; the optimizer state, step and data position are not read."""
-    import orbax.checkpoint as ocp
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if not os.path.isdir(directory):
-        raise ValueError(f"{workdir}: not a training run's workdir (no checkpoints folder)")
-    manager = ocp.CheckpointManager(directory, item_handlers={"state": ocp.StandardCheckpointHandler()})
-    try:
-        step = manager.latest_step()
-        if step is None:
-            raise ValueError(f"{workdir}: the run has saved no checkpoint yet")
-        # No target: the saved tree comes back as nested dicts, whatever the optimizer was.
-        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    finally:
-        manager.close()
-    return jax.tree.map(np.asarray, {"params": state["params"], **state["extra"]})
+    """`{"params": ..., <extra collections>...}` (numpy) of the newest readable checkpoint of
+    the training run in `workdir`, saved on any mesh by any number of processes; the optimizer
+    state and step are not returned."""
+    return restore_run_variables(workdir)[1]
 
 
 def _global_batch(local: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
@@ -115,8 +109,10 @@ def _global_batch(local: dict[str, np.ndarray], sharding) -> dict[str, jax.Array
 class Trainer:
     """Holds the mesh, the compiled steps, the data iterator and the checkpointer of a run."""
 
-    def __init__(self, config: ConfigDict, workdir: str):
-        self.config, self.workdir = config, workdir
+    def __init__(self, config: ConfigDict, workdir: str, allow_config_change: bool = False):
+        self.config, self.workdir, self.allow_config_change = config, workdir, allow_config_change
+        check_settings(config, jax.device_count())  # settings that cannot work, before anything is built
+        resolve_total_steps(config)
         self.task: Task = get_task(config.task)(config)
         self.mesh = make_mesh(config.mesh.to_dict())
         self.batch_sharding = batch_sharding(self.mesh)
@@ -146,7 +142,7 @@ class Trainer:
                                   out_shardings=(self.shardings, None), donate_argnums=0)
         self.eval_step = jax.jit(self.task.eval_step,
                                  in_shardings=(self.shardings.params, self.shardings.extra, self.batch_sharding))
-        self.data_iter = self._train_iterator()
+        self.data_iter = None  # made by `train`, at the step it starts from
         self.checkpointer = Checkpointer(workdir, tcfg.checkpoint_every, tcfg.keep_checkpoints)
         self.history: list[dict[str, float]] = []  # the logged train metrics, with their step
 
@@ -206,24 +202,24 @@ class Trainer:
         placed = jax.device_put((params, extra), (self.shardings.params, self.shardings.extra))
         return self.state.replace(params=placed[0], extra=placed[1])
 
-    def _train_iterator(self):
+    def batches(self, start_step: int):
+        """This process's batches of steps `start_step + 1`, ... (`train.batches`: the data
+        position is the step, whatever the number of processes)."""
         tcfg = self.config.train
         ds = self.task.train_source()
         if len(ds) == 0:
             raise ValueError(f"the training set of task {self.config.task!r} is empty (check config.data)")
-        # Shuffle, then repeat: grain reshuffles every epoch with a seed derived from `seed`.
-        ds = ds.shuffle(seed=self.config.seed).repeat(None)
-        ds = self.task.augment(ds, self.config.seed)
-        ds = ds[jax.process_index()::jax.process_count()]
-        ds = ds.batch(tcfg.batch_size // jax.process_count(), drop_remainder=True)
-        return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=tcfg.data_threads,
-                                                         prefetch_buffer_size=tcfg.data_prefetch)))
+        return train_batches(ds, seed=self.config.seed, batch_size=tcfg.batch_size, start_step=start_step,
+                             process=jax.process_index(), processes=jax.process_count(), augment=self.task.augment,
+                             threads=tcfg.data_threads, prefetch=tcfg.data_prefetch)
 
-    def restore_or_init(self) -> int:
-        """Continue from the latest checkpoint in `workdir`, if any; returns the step."""
-        latest = self.checkpointer.latest_step()
+    def restore_or_init(self, move_damaged: bool = True) -> int:
+        """Continue from the newest restorable checkpoint in `workdir`, if any (on this mesh,
+        whatever mesh saved it; a damaged one is moved aside, or only skipped without
+        `move_damaged`); returns the step."""
+        latest, state = self.checkpointer.restore_latest(self.state, move_damaged)
         if latest is not None:
-            self.state = self.checkpointer.restore(latest, self.state, self.data_iter)
+            self.state = state
             self.task.bind_variables({"params": self.state.params, **self.state.extra})
             log.info("restored step %d from %s", latest, self.workdir)
         return int(self.state.step)
@@ -259,7 +255,7 @@ class Trainer:
             self.history.append(dict(host, step=step))
             writer.progress(step, host)
         # Saved before the evaluation, so a failing evaluation loses no training.
-        self.checkpointer.save(step, self.state, self.data_iter, force=step == tcfg.steps)
+        self.checkpointer.save(step, self.state, force=step == tcfg.steps)
         eval_metrics = None
         if tcfg.eval_every and (step % tcfg.eval_every == 0 or step == tcfg.steps):
             eval_metrics = self._evaluate()
@@ -268,22 +264,29 @@ class Trainer:
         return eval_metrics
 
     def train(self) -> dict[str, float]:
-        """Train to `config.train.steps` (resuming if possible), evaluating on the way."""
+        """Train to `config.train.steps` (resuming if possible), evaluating on the way. On
+        SIGTERM / SIGINT: finishes the step, saves it and raises `Preempted`."""
         tcfg = self.config.train
+        check_run_config(self.config, self.workdir, self.allow_config_change)
         start = self.restore_or_init()
+        self.data_iter = self.batches(start)
         writer = MetricWriter(self.workdir, tcfg.steps, start)
         eval_metrics: dict[str, float] = {}
         pending: list[dict[str, Any]] = []
         try:
-            with self.sharding_context():
+            with self.sharding_context(), PreemptionGuard() as guard:
                 for step in range(start + 1, tcfg.steps + 1):
                     eval_metrics = self._step(step, writer, pending) or eval_metrics
+                    signum = guard.requested()
+                    if signum and step < tcfg.steps:
+                        self.checkpointer.save(step, self.state, force=True)
+                        raise Preempted(step, signum, os.path.abspath(self.workdir))
         finally:
             writer.close()
             self.checkpointer.close()
         return eval_metrics
 
 
-def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, float]:
+def train_and_evaluate(config: ConfigDict, workdir: str, allow_config_change: bool = False) -> dict[str, float]:
     os.makedirs(workdir, exist_ok=True)
-    return Trainer(config, workdir).train()
+    return Trainer(config, workdir, allow_config_change).train()

@@ -21,6 +21,14 @@ def path_labels(params: Any, fn: Callable[[str], Any]) -> Any:
     return unflatten({k: fn(k) for k in flatten(params)})
 
 
+def resolve_total_steps(config: ConfigDict) -> None:
+    """`optim.total_steps` 0 (the configs' default): the schedule spans `train.steps`, as the
+    run starts (so `--config.train.steps=40` also shortens the schedule). Sets it in place."""
+    if not config.optim.get("total_steps"):
+        with config.unlocked():
+            config.optim.total_steps = int(config.train.steps)
+
+
 def make_schedule(cfg: ConfigDict) -> optax.Schedule:
     """Linear warmup from `warmup_start_lr` (default 0) to `lr`, then a half-cycle cosine to
     `min_lr` at `total_steps`.
@@ -29,6 +37,8 @@ def make_schedule(cfg: ConfigDict) -> optax.Schedule:
     a function of the absolute step over all `total_steps`, so it starts slightly below
     `lr` when the warmup ends; the default cosine spans the steps after the warmup.
     """
+    if not cfg.get("total_steps"):
+        raise ValueError("config.optim.total_steps is 0: resolve_total_steps(config) sets it to train.steps")
     warmup, start = int(cfg.warmup_steps), float(cfg.get("warmup_start_lr", 0.0))
     kind = cfg.get("schedule", "warmup_cosine")
     if kind == "lavis":

@@ -34,3 +34,13 @@ def tiny_config(root: str, steps: int = 4):
     c.optim.update(dict(warmup_steps=1, total_steps=steps, layer_decay=0.75))
     c.mesh.update(dict(data=1, fsdp=1, tensor=1))
     return c
+
+
+def get_config(spec: str):
+    """As a config file for the launchers: `tests/train/fixtures.py:ROOT[,STEPS]` (clips made
+    in ROOT if missing)."""
+    root, _, steps = spec.partition(",")
+    if not os.path.exists(os.path.join(root, "train.jsonl")):
+        os.makedirs(root, exist_ok=True)
+        make_clips(root)
+    return tiny_config(root, int(steps or 4))

@@ -8,7 +8,7 @@ import pytest
 from ml_collections import ConfigDict
 
 from configs import salmonn_13b, salmonn_tiny
-from jaxaudio.train.optim import make_schedule
+from jaxaudio.train.optim import make_schedule, resolve_total_steps
 
 
 def lavis_lr(step: int, lr: float, min_lr: float, start: float, warmup: int, total: int) -> float:
@@ -69,6 +69,8 @@ def test_lavis_matches_the_original_rule():
 
 @pytest.mark.parametrize("config", [salmonn_13b.get_config("1"), salmonn_tiny.get_config("2")], ids=["13b", "tiny"])
 def test_salmonn_configs_use_lavis(config):
+    assert config.optim.total_steps == 0  # the schedule follows train.steps, read when the run starts
+    resolve_total_steps(config)
     o = config.optim
     assert o.schedule == "lavis" and o.total_steps == config.train.steps
     w, t = o.warmup_steps, o.total_steps

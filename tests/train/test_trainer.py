@@ -48,15 +48,18 @@ def test_resume_equals_uninterrupted(data_root, tmp_path):
     full = Trainer(tiny_config(data_root, steps=4), str(tmp_path / "full"))
     full.train()
 
-    first = Trainer(tiny_config(data_root, steps=2), str(tmp_path / "resumed"))
+    # The interrupted run: the same config, stopped after step 2 (its schedule spans 4 steps).
+    cut = tiny_config(data_root, steps=2)
+    cut.optim.total_steps = 4
+    first = Trainer(cut, str(tmp_path / "resumed"))
     first.train()
     second = Trainer(tiny_config(data_root, steps=4), str(tmp_path / "resumed"))
     assert second.restore_or_init() == 2
-    # The restored data iterator continues where the first run stopped.
-    nxt = next(second.data_iter)
-    ref = Trainer(tiny_config(data_root, steps=4), str(tmp_path / "ref"))
+    # The data position is the step: the batches from step 3 on are the uninterrupted run's.
+    nxt = next(second.batches(2))
+    ref = full.batches(0)
     for _ in range(3):
-        ref_batch = next(ref.data_iter)
+        ref_batch = next(ref)
     np.testing.assert_array_equal(nxt["wave"], ref_batch["wave"])
 
     resumed = Trainer(tiny_config(data_root, steps=4), str(tmp_path / "resumed"))
