@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from jaxaudio.layers import cpu_kernel
 from jaxaudio.layers.dense import dense
+from jaxaudio.layers.platform import target_platform
 from jaxaudio.layers.rotary import apply_rotary
 
 
@@ -67,7 +68,7 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Arr
     batch, q_len, heads, head_dim = q.shape
     kv_len, groups = k.shape[1], heads // k.shape[2]
     if chunk is None:
-        chunk = cpu_chunk(batch, heads, q_len, kv_len) if jax.default_backend() == "cpu" else q_len
+        chunk = cpu_chunk(batch, heads, q_len, kv_len) if target_platform() == "cpu" else q_len
     chunk = min(chunk, q_len)
     chunks = -(-q_len // chunk)
     k, v = (jnp.repeat(x, groups, axis=2).transpose(0, 2, 1, 3) for x in (k, v))  # [b, h, kv, d]
@@ -143,7 +144,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
     only; `jax.nn.dot_product_attention` has no dropout, so that always takes the blocked path).
     """
     dropout = dropout_rng is not None and dropout_rate > 0.0
-    if implementation is None and jax.default_backend() == "cpu":
+    if implementation is None and target_platform() == "cpu":
         implementation = "blocked"
         if bias is None and not dropout and cpu_kernel.supports(q, k, v, mask) and cpu_kernel.available():
             implementation = "cpu_kernel"

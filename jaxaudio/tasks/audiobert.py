@@ -247,6 +247,11 @@ class AudioBertTask(AuditoryBenchTask):
             batch["audio_vectors"] = np.zeros((batch_size, s, self.ast_width), np.float32)
         return batch
 
+    def batch_spec(self, batch_size: int, train: bool = True) -> Batch:
+        n, z = self.config.data.max_len, np.zeros((batch_size,), np.int32)
+        return {**self.dummy_batch(batch_size), "labels": np.zeros((batch_size, n), np.int32),
+                "answer_mask": np.zeros((batch_size, n), bool), "mode": z, "index": z}
+
     def init_variables(self, rng: jax.Array):
         b = {k: jnp.asarray(v) for k, v in self.dummy_batch(1, audio=True).items()}  # AST's parameters exist
         return self.model.init({"params": rng, "dropout": rng}, b["input_ids"], b["attention_mask"],

@@ -33,6 +33,16 @@ class Task(abc.ABC):
     def dummy_batch(self, batch_size: int) -> Batch:
         """A batch of zeros with the real shapes and dtypes (for init and abstract eval)."""
 
+    def batch_spec(self, batch_size: int, train: bool = True) -> Batch:
+        """Zeros with the shapes and dtypes of a whole training (or, `train=False`,
+        evaluation) batch: every key `loss_fn` / `eval_step` reads, for compiling the steps
+        ahead of time without data (`launch/aot.py`). Tasks whose batches hold more than
+        `dummy_batch` (targets, decoding prompts) add it."""
+        batch = dict(self.dummy_batch(batch_size))
+        if not train:
+            batch["index"] = np.zeros((batch_size,), np.int32)
+        return batch
+
     @abc.abstractmethod
     def init_variables(self, rng: jax.Array) -> Variables:
         """Fresh variables (with logical-axis boxes) — `params` plus any extra collections."""

@@ -158,6 +158,14 @@ class BatTask(Task):
         return {"wave": np.zeros((batch_size, 2, self.samples), np.float32), "input_ids": ids,
                 "attention_mask": np.ones_like(ids), "labels": np.full_like(ids, IGNORE)}
 
+    def batch_spec(self, batch_size: int, train: bool = True) -> Batch:
+        batch = self.dummy_batch(batch_size)
+        if not train:  # the decoding prompt, left-padded to max_len (`QASource`)
+            n = self.config.data.max_len
+            batch.update(prompt_ids=np.zeros((batch_size, n), np.int32), prompt_len=np.ones((batch_size,), np.int32),
+                         index=np.zeros((batch_size,), np.int32))
+        return batch
+
     # --- variables ---------------------------------------------------------------------------
     def _part_sources(self) -> dict[str, str]:
         """`config.init.{encoder,llm}` that are set, used only when no whole checkpoint

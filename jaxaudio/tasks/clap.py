@@ -155,6 +155,10 @@ class CLAPTask(Task):
                 "input_ids": np.zeros((batch_size, max_len), np.int32),
                 "attention_mask": np.ones((batch_size, max_len), np.int32)}
 
+    def batch_spec(self, batch_size: int, train: bool = True) -> Batch:
+        return {**self.dummy_batch(batch_size), "label": np.zeros((batch_size,), np.int32),
+                "index": np.zeros((batch_size,), np.int32)}
+
     def init_variables(self, rng: jax.Array):
         b = {k: jnp.asarray(v) for k, v in self.dummy_batch(2).items()}
         return self.model.init({"params": rng}, b["input_features"], b["is_longer"], b["input_ids"],

@@ -201,6 +201,14 @@ class SalmonnTask(Task):
                 "prefix_ids": np.zeros((batch_size, prefix), np.int32), "suffix_ids": ids,
                 "suffix_mask": np.ones_like(ids), "labels": np.full_like(ids, IGNORE)}
 
+    def batch_spec(self, batch_size: int, train: bool = True) -> Batch:
+        batch = self.dummy_batch(batch_size)
+        if not train:  # the test prompt, left-padded to max_prompt_len (`PromptedText`)
+            n = self.config.data.max_prompt_len
+            batch.update(prompt_ids=np.zeros((batch_size, n), np.int32), prompt_mask=np.ones((batch_size, n), np.int32),
+                         index=np.zeros((batch_size,), np.int32))
+        return batch
+
     # --- variables ---------------------------------------------------------------------------
     def pretrained_parts(self) -> dict[str, str]:
         """Converted Whisper, BEATs and LLM (`config.init.<part>`), unless a whole

@@ -83,6 +83,11 @@ class SpatialASTTask(Task):
     def dummy_batch(self, batch_size: int) -> Batch:
         return {"wave": np.zeros((batch_size, 2, self.samples), np.float32)}
 
+    def batch_spec(self, batch_size: int, train: bool = True) -> Batch:
+        m, z = self.model, np.zeros((batch_size,), np.int32)
+        return {**self.dummy_batch(batch_size), "labels": np.zeros((batch_size, m.num_classes), np.float32),
+                "distance": z, "azimuth": z, "elevation": z}
+
     def init_variables(self, rng: jax.Array):
         return self.model.init({"params": rng}, jnp.asarray(self.dummy_batch(1)["wave"]))
 

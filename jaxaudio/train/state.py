@@ -28,12 +28,14 @@ def split_variables(variables: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     return variables.pop("params"), variables
 
 
-def create_sharded_state(init_variables, tx: optax.GradientTransformation, rng: jax.Array, mesh: Mesh,
+def abstract_train_state(init_variables, tx: optax.GradientTransformation, rng: jax.Array, mesh: Mesh,
                          rules) -> tuple[TrainState, TrainState]:
-    """Initialise the train state directly into its shardings.
+    """`(abstract state, shardings)`: the train state's shapes and dtypes (ShapeDtypeStructs
+    carrying their shardings) and its shardings, with nothing allocated — what
+    `create_sharded_state` fills and what ahead-of-time compilation (`launch/aot.py`) lowers with.
 
-    `init_variables(rng)` returns variables whose leaves carry logical axis names. Returns
-    `(state, shardings)`; optimizer moments take the sharding of their parameter.
+    `init_variables(rng)` returns variables whose leaves carry logical axis names; optimizer
+    moments take the sharding of their parameter.
     """
     abstract = jax.eval_shape(init_variables, rng)
     var_sh = logical_shardings(abstract, mesh, rules)
@@ -47,6 +49,18 @@ def create_sharded_state(init_variables, tx: optax.GradientTransformation, rng: 
                                    transform_non_params=lambda _: repl,
                                    is_leaf=lambda x: isinstance(x, (NamedSharding, masked)))
     shardings = TrainState(step=repl, params=params_sh, opt_state=opt_sh, extra=extra_sh, rng=repl)
+    params, extra = split_variables(nn.unbox(abstract))
+    shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=abstract_opt, extra=extra,
+                        rng=jax.ShapeDtypeStruct(rng.shape, rng.dtype))
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+    return state, shardings
+
+
+def create_sharded_state(init_variables, tx: optax.GradientTransformation, rng: jax.Array, mesh: Mesh,
+                         rules) -> tuple[TrainState, TrainState]:
+    """Initialise the train state directly into its shardings (`abstract_train_state`'s).
+    Returns `(state, shardings)`."""
+    _, shardings = abstract_train_state(init_variables, tx, rng, mesh, rules)
 
     def init(rng):
         params, extra = split_variables(nn.unbox(init_variables(rng)))
