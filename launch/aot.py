@@ -23,6 +23,8 @@ import sys
 import time
 
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no TPU metadata server here: libtpu must not wait for one
+# Deviceless compiles hold no chip: two of them (or a test beside a run) may share the host.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -116,7 +118,7 @@ def compile_steps(config, devices: list, steps: list[str], batch: int | None = N
     from jaxaudio.tasks import get_task
     from jaxaudio.train.loop import make_train_step
     from jaxaudio.train.mesh import batch_sharding, make_mesh
-    from jaxaudio.train.optim import make_optimizer, resolve_total_steps, trainable_mask
+    from jaxaudio.train.optim import make_optimizer, resolve_total_steps, storage_dtypes, trainable_mask
     from jaxaudio.train.settings import check_settings
     from jaxaudio.train.state import abstract_train_state
 
@@ -133,7 +135,8 @@ def compile_steps(config, devices: list, steps: list[str], batch: int | None = N
     rng = jax.random.PRNGKey(config.seed)
     params = nn.unbox(jax.eval_shape(task.init_variables, rng))["params"]
     tx, _ = make_optimizer(config.optim, params, task.layer_scale)
-    state, shardings = abstract_train_state(task.init_variables, tx, rng, mesh, DEFAULT_RULES)
+    state, shardings = abstract_train_state(task.init_variables, tx, rng, mesh, DEFAULT_RULES,
+                                            storage_dtypes(config.optim, params))
     data_sh = batch_sharding(mesh)
     memory = chip_memory(devices[0], memory_gib)
     report = {"config": config.get("task"), "devices": len(devices), "device_kind": devices[0].device_kind,

@@ -32,7 +32,7 @@ from jaxaudio.tasks.base import Task, eval_batches
 from jaxaudio.train.batches import train_batches
 from jaxaudio.train.checkpoint import Checkpointer, restore_run_variables
 from jaxaudio.train.mesh import batch_sharding, make_mesh
-from jaxaudio.train.optim import make_optimizer, resolve_total_steps, trainable_mask
+from jaxaudio.train.optim import make_optimizer, resolve_total_steps, storage_dtypes, trainable_mask
 from jaxaudio.train.preemption import Preempted, PreemptionGuard
 from jaxaudio.train.run_config import check_run_config
 from jaxaudio.train.settings import check_settings
@@ -130,7 +130,8 @@ class Trainer:
         self.trainable = trainable_mask(config.optim, abstract_params)
         # The out_shardings place the state; init needs no activation constraints.
         self.state, self.shardings = create_sharded_state(
-            self.task.init_variables, self.tx, jax.random.PRNGKey(config.seed), self.mesh, DEFAULT_RULES)
+            self.task.init_variables, self.tx, jax.random.PRNGKey(config.seed), self.mesh, DEFAULT_RULES,
+            storage_dtypes(config.optim, abstract_params))
         if config.init.get("checkpoint"):
             self.state = self._load_initial(config.init.checkpoint)
         else:

@@ -113,6 +113,27 @@ def trainable_mask(cfg: ConfigDict, params: Any) -> Any:
     return mask
 
 
+STORAGE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def storage_dtypes(cfg: ConfigDict, params: Any) -> Any:
+    """A tree like `params`: the dtype name each parameter is stored in, "" for its own.
+
+    `optim.frozen_storage` (`{part: dtype}`, e.g. `{"llm": "bfloat16"}`) stores the frozen
+    parameters under `part/` in `dtype`: a frozen 7B LLM takes half the memory in bf16, while
+    what trains (LoRA, the projector) keeps fp32 master weights and fp32 Adam moments. The
+    layers compute in the model's `dtype` either way (they cast their weights)."""
+    spec = dict(cfg.get("frozen_storage") or {})
+    parts = {k.split("/")[0] for k in flatten(params)}
+    for part, name in spec.items():
+        if part not in parts:
+            raise ValueError(f"config.optim.frozen_storage: {part!r} is not a part of the model; parts: {sorted(parts)}")
+        if name not in STORAGE_DTYPES:
+            raise ValueError(f"config.optim.frozen_storage[{part!r}]={name!r}: choose one of {STORAGE_DTYPES}")
+    mask = flatten(trainable_mask(cfg, params))
+    return path_labels(params, lambda p: "" if mask[p] else spec.get(p.split("/")[0], ""))
+
+
 def make_optimizer(cfg: ConfigDict, params: Any, layer_scale: Callable[[str], float] | None = None
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """Build the optimizer for `params` (a tree, or abstract shapes) from `config.optim`.

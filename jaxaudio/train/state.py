@@ -1,4 +1,5 @@
 """The train state and its sharded creation."""
+import functools
 from typing import Any
 
 import flax
@@ -28,19 +29,27 @@ def split_variables(variables: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     return variables.pop("params"), variables
 
 
+def _store(params: Any, storage: Any | None) -> Any:
+    """Cast each parameter to its storage dtype name ("" keeps it); `storage=None`: unchanged."""
+    if storage is None:
+        return params
+    return jax.tree.map(lambda x, d: x.astype(d) if d else x, params, storage)
+
+
 def abstract_train_state(init_variables, tx: optax.GradientTransformation, rng: jax.Array, mesh: Mesh,
-                         rules) -> tuple[TrainState, TrainState]:
+                         rules, storage: Any | None = None) -> tuple[TrainState, TrainState]:
     """`(abstract state, shardings)`: the train state's shapes and dtypes (ShapeDtypeStructs
     carrying their shardings) and its shardings, with nothing allocated — what
     `create_sharded_state` fills and what ahead-of-time compilation (`launch/aot.py`) lowers with.
 
     `init_variables(rng)` returns variables whose leaves carry logical axis names; optimizer
-    moments take the sharding of their parameter.
+    moments take the sharding of their parameter. `storage` (`optim.storage_dtypes`) gives
+    the dtype each parameter is kept in.
     """
     abstract = jax.eval_shape(init_variables, rng)
     var_sh = logical_shardings(abstract, mesh, rules)
     params_sh, extra_sh = split_variables(var_sh)
-    abstract_params = nn.unbox(split_variables(abstract)[0])
+    abstract_params = jax.eval_shape(functools.partial(_store, storage=storage), nn.unbox(split_variables(abstract)[0]))
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     repl = NamedSharding(mesh, PartitionSpec())
     # Moments are params-shaped; frozen parameters appear as empty `MaskedNode`s.
@@ -49,7 +58,8 @@ def abstract_train_state(init_variables, tx: optax.GradientTransformation, rng: 
                                    transform_non_params=lambda _: repl,
                                    is_leaf=lambda x: isinstance(x, (NamedSharding, masked)))
     shardings = TrainState(step=repl, params=params_sh, opt_state=opt_sh, extra=extra_sh, rng=repl)
-    params, extra = split_variables(nn.unbox(abstract))
+    extra = split_variables(nn.unbox(abstract))[1]
+    params = abstract_params
     shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=abstract_opt, extra=extra,
                         rng=jax.ShapeDtypeStruct(rng.shape, rng.dtype))
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
@@ -57,13 +67,14 @@ def abstract_train_state(init_variables, tx: optax.GradientTransformation, rng: 
 
 
 def create_sharded_state(init_variables, tx: optax.GradientTransformation, rng: jax.Array, mesh: Mesh,
-                         rules) -> tuple[TrainState, TrainState]:
-    """Initialise the train state directly into its shardings (`abstract_train_state`'s).
-    Returns `(state, shardings)`."""
-    _, shardings = abstract_train_state(init_variables, tx, rng, mesh, rules)
+                         rules, storage: Any | None = None) -> tuple[TrainState, TrainState]:
+    """Initialise the train state directly into its shardings (`abstract_train_state`'s),
+    parameters in their storage dtypes. Returns `(state, shardings)`."""
+    _, shardings = abstract_train_state(init_variables, tx, rng, mesh, rules, storage)
 
     def init(rng):
         params, extra = split_variables(nn.unbox(init_variables(rng)))
+        params = _store(params, storage)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                           extra=extra, rng=rng)
 
