@@ -54,7 +54,10 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, accum_steps: i
 
     `trainable` (a tree of bools like the params, `optim.trainable_mask`) stops gradients
     at frozen parameters, so XLA never computes their weight gradients (a frozen LLM's
-    would cost as much as training it); their zero gradients fold away.
+    would cost as much as training it), and passes the frozen parameters through untouched:
+    no zero update and no NaN-guard select is applied to them (XLA does not always fold
+    those away, e.g. for bf16-stored ones), so nothing parameter-sized is made for them
+    (`tests/train/test_frozen_program.py` checks the compiled program).
     """
     def loss_fn(params, extra, batch, rng):
         if trainable is not None:
@@ -79,11 +82,14 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, accum_steps: i
         metrics = jax.tree.map(jnp.mean, metrics)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        if trainable is not None:  # frozen: the very input buffers, so nothing below copies them
+            params = jax.tree.map(lambda t, n, o: n if t else o, trainable, params, state.params)
         metrics["grad_norm"] = optax.global_norm(grads)
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, extra=extra)
         if nan_guard:
             ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
-            new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state.replace(step=state.step + 1))
+            new = jax.tree.map(lambda n, o: n if n is o else jnp.where(ok, n, o), new,
+                               state.replace(step=state.step + 1))
             metrics["skipped"] = 1.0 - ok.astype(jnp.float32)
         return new, metrics
 

@@ -1,0 +1,92 @@
+"""The compiled train step materialises nothing parameter-sized for frozen parameters: no
+weight gradient, no zero update, no NaN-guard copy — only the forward reads them (checked in
+XLA's optimised program, by the shapes only those parameters have)."""
+import re
+
+import flax.linen as nn
+import jax
+import pytest
+
+from jaxaudio.convert import flatten
+from jaxaudio.layers.partitioning import DEFAULT_RULES
+from jaxaudio.tasks import get_task
+from jaxaudio.train.loop import make_train_step
+from jaxaudio.train.mesh import batch_sharding, make_mesh
+from jaxaudio.train.optim import make_optimizer, resolve_total_steps, storage_dtypes, trainable_mask
+from jaxaudio.train.state import abstract_train_state
+from train.fixtures import make_clips, tiny_config
+
+TRAINS = r"(head|distance_head|azimuth_head|elevation_head)/.*"
+
+
+@pytest.fixture(scope="module")
+def program(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("clips"))
+    make_clips(root)
+    c = tiny_config(root, 2)
+    c.model.embed_dim = 48  # block kernels [48, 3, 2, 24], [48, 96], [96, 48]: no activation has these shapes
+    c.optim.trainable = TRAINS
+    resolve_total_steps(c)
+    task = get_task(c.task)(c)
+    params = nn.unbox(jax.eval_shape(task.init_variables, jax.random.PRNGKey(0)))["params"]
+    tx, _ = make_optimizer(c.optim, params, task.layer_scale)
+    mesh = make_mesh({"data": 1})
+    state, sh = abstract_train_state(task.init_variables, tx, jax.random.PRNGKey(0), mesh, DEFAULT_RULES,
+                                     storage_dtypes(c.optim, params))
+    data = batch_sharding(mesh)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=data) for k, v in task.batch_spec(8).items()}
+
+    def compiled(mask, storage=None):
+        st, s2 = state, sh
+        if storage:
+            with c.unlocked():
+                c.optim.frozen_storage = storage
+            st, s2 = abstract_train_state(task.init_variables, tx, jax.random.PRNGKey(0), mesh, DEFAULT_RULES,
+                                          storage_dtypes(c.optim, params))
+        fn = make_train_step(task, tx, 1, True, mask)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+            return jax.jit(fn, in_shardings=(s2, data), out_shardings=(s2, None), donate_argnums=0).lower(
+                st, batch).compile().as_text()
+    shapes = {k: v.shape for k, v in flatten(params).items() if "blocks_0" in k and k.endswith("kernel")}
+    return compiled, trainable_mask(c.optim, params), shapes
+
+
+def _outside_forward(hlo: str, shape: tuple) -> list[str]:
+    """Instructions producing an f32 or bf16 array of `shape` that are not the model's forward."""
+    dims = "[" + ",".join(map(str, shape)) + "]{"
+    found = []
+    for line in hlo.splitlines():
+        m = re.match(r"\s*(ROOT )?%\S+ = (\S+) ", line)
+        if not m or not m.group(2).startswith(("f32" + dims, "bf16" + dims)):
+            continue
+        name = re.search(r'op_name="([^"]*)"', line)
+        if name and "jvp(" in name.group(1) and "transpose(" not in name.group(1):
+            continue  # the forward reads the frozen weight
+        if re.search(r"= \S+ (parameter|bitcast|get-tuple-element|tuple)\(", line):
+            continue  # the buffer itself, passed through
+        found.append(line.strip()[:200])
+    return found
+
+
+def test_frozen_parameters_only_feed_the_forward(program):
+    compiled, mask, shapes = program
+    hlo = compiled(mask)
+    assert len(shapes) >= 3
+    for name, shape in shapes.items():
+        assert _outside_forward(hlo, shape) == [], name
+
+
+def test_frozen_parameters_in_bf16_only_feed_the_forward(program):
+    compiled, mask, shapes = program
+    hlo = compiled(mask, {"blocks_0": "bfloat16"})
+    assert "bf16[48,3,2,24]" in hlo  # the qkv kernel, stored in bf16
+    for name, shape in shapes.items():
+        assert _outside_forward(hlo, shape) == [], name
+
+
+def test_the_check_sees_weight_gradients_when_nothing_stops_them(program):
+    """Without the trainable mask in the step (the optimizer alone zeroes frozen updates) XLA
+    computes the frozen weights' gradients: the same check finds them."""
+    compiled, _, shapes = program
+    hlo = compiled(None)
+    assert any(_outside_forward(hlo, shape) for shape in shapes.values())
