@@ -119,11 +119,18 @@ STORAGE_DTYPES = ("float32", "bfloat16", "float16")
 def storage_dtypes(cfg: ConfigDict, params: Any) -> Any:
     """A tree like `params`: the dtype name each parameter is stored in, "" for its own.
 
-    `optim.frozen_storage` (`{part: dtype}`, e.g. `{"llm": "bfloat16"}`) stores the frozen
+    `optim.frozen_storage` (`{part: dtype}`, e.g. `{"llm": "bfloat16"}`, or the string
+    "llm=bfloat16,encoder=bfloat16") stores the frozen
     parameters under `part/` in `dtype`: a frozen 7B LLM takes half the memory in bf16, while
     what trains (LoRA, the projector) keeps fp32 master weights and fp32 Adam moments. The
     layers compute in the model's `dtype` either way (they cast their weights)."""
-    spec = dict(cfg.get("frozen_storage") or {})
+    spec = cfg.get("frozen_storage") or {}
+    if isinstance(spec, str):  # "llm=bfloat16,encoder=bfloat16", as a command-line flag gives it
+        pairs = [p.partition("=") for p in spec.split(",") if p.strip()]
+        if any(not sep for _, sep, _ in pairs):
+            raise ValueError(f"config.optim.frozen_storage={spec!r}: write part=dtype[,part=dtype...]")
+        spec = {k.strip(): v.strip() for k, _, v in pairs}
+    spec = dict(spec)
     parts = {k.split("/")[0] for k in flatten(params)}
     for part, name in spec.items():
         if part not in parts:

@@ -20,7 +20,7 @@ def data_root(tmp_path_factory):
 def _config(root, steps):
     c = tiny_config(root, steps)
     c.optim.trainable = r"(head|distance_head|azimuth_head|elevation_head)/.*"
-    c.optim.frozen_storage = {"blocks_0": "bfloat16", "head": "bfloat16"}  # head trains: stays fp32
+    c.optim.frozen_storage = "blocks_0=bfloat16, head=bfloat16"  # head trains: stays fp32
     c.optim.total_steps = 4
     return c
 
@@ -49,9 +49,12 @@ def test_frozen_part_in_bf16_trains_and_resumes(data_root, tmp_path):
 
 def test_unknown_part_or_dtype_is_named(data_root, tmp_path):
     c = _config(data_root, 1)
-    c.optim.frozen_storage = {"llm": "bfloat16"}
+    c.optim.frozen_storage = "llm=bfloat16"
     with pytest.raises(ValueError, match=r"frozen_storage: 'llm' is not a part of the model"):
         Trainer(c, str(tmp_path / "a"))
-    c.optim.frozen_storage = {"blocks_0": "int4"}
+    c.optim.frozen_storage = "blocks_0:bfloat16"
+    with pytest.raises(ValueError, match="write part=dtype"):
+        Trainer(c, str(tmp_path / "c"))
+    c.optim.frozen_storage = "blocks_0=int4"
     with pytest.raises(ValueError, match=r"frozen_storage\['blocks_0'\]='int4'"):
         Trainer(c, str(tmp_path / "b"))
