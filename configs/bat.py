@@ -18,6 +18,11 @@ Linear 768 -> 4096 -> LayerNorm, LLaMA-2 7B (frozen) with LoRA r 8 / alpha 32 / 
 with beam 4 and 200 new tokens. Weight decay 0 and no clipping are SLAM-LLM's defaults
 [unverified for the BAT run].
 
+Memory: each part's `remat` ("none", "full", "dots", "dots_no_batch"; WORKSPACE.md, Memory)
+rematerialises its blocks in the backward pass, e.g. `--config.model.llm.remat=full` for 16 GiB
+chips: gradients reach the projector through every LLM layer, whose activations dominate. The
+frozen encoder (behind a stop-gradient) keeps no activations, so its `remat` changes nothing.
+
 Official data (`data.generate=False`): `train_json` / `eval_json` (comma-separated files:
 `eval-stage1-classification.json,eval-stage1-doa.json`, ...), the `train_` / `eval_
 reverberation.json` of `mp3d_reverb.zip`, its folder (`reverb_root`, holding `binaural/`),
@@ -51,10 +56,11 @@ def get_config(stage: str | None = None) -> ConfigDict:
     c.model = ConfigDict(dict(
         encoder=encoder_kwargs(spatial_ast.get_config().model),
         projector=dict(num_queries=64, hidden_size=768, num_layers=8, num_heads=12, intermediate_size=3072,
-                       cross_attention_frequency=2, eps=1e-12, norm_eps=1e-5, dropout=0.1, attention_dropout=0.1),
+                       cross_attention_frequency=2, eps=1e-12, norm_eps=1e-5, dropout=0.1, attention_dropout=0.1,
+                       remat="none"),
         llm=dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-5, rope_theta=10000.0,
-                 max_position_embeddings=4096, tie_word_embeddings=False),
+                 max_position_embeddings=4096, tie_word_embeddings=False, remat="none"),
         lora=dict(DEFAULT_LORA),
         dtype="bfloat16", param_dtype="float32"))
 
@@ -76,7 +82,9 @@ def get_config(stage: str | None = None) -> ConfigDict:
         # min_lr = lr: after the warm-up the rate is held, as SLAM-LLM's scheduler does.
         lr=1e-4, min_lr=1e-4, warmup_steps=20_000, total_steps=0, b1=0.9, b2=0.999, eps=1e-8,
         weight_decay=0.0, max_grad_norm=0.0,
-        trainable=r".*(projector|lora_[ab]).*", frozen="", no_decay=r".*(bias|scale)"))
+        trainable=r".*(projector|lora_[ab]).*", frozen="",
+        # "llm=bfloat16,encoder=bfloat16": the frozen weights in bf16 (half the memory; see launch/aot.py)
+        frozen_storage="", no_decay=r".*(bias|scale)"))
 
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.init = ConfigDict(dict(

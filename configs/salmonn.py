@@ -14,6 +14,12 @@ tokens. Decoding: beam 4, 200 new tokens.
 The stages differ only in their data (`data.train_json`; the released
 `salmonn_stage{1,2,3}_data.json`): 1 = ASR + captioning, 2 = instruction tuning, 3 =
 activation tuning. Stage N > 1 starts from stage N-1's run.
+
+Memory: each part's `remat` ("none", "full", "dots", "dots_no_batch"; WORKSPACE.md, Memory)
+rematerialises its blocks in the backward pass, e.g. `--config.model.llm.remat=full` for 16 GiB
+chips: gradients reach the connector through every LLM layer. Frozen encoders (behind a
+stop-gradient) keep no activations, so their `remat` matters only with `freeze_whisper` /
+`freeze_beats` off.
 """
 from ml_collections import ConfigDict
 
@@ -27,6 +33,7 @@ CONNECTOR = dict(num_queries=1, second_per_window=0.333333, second_stride=0.3333
                  num_heads=12, intermediate_size=3072, fusion_eps=1e-5, eps=1e-12, dropout=0.1,
                  attention_dropout=0.1)
 STAGES = (1, 2, 3)
+NO_REMAT = dict(remat="none")  # listed so that `--config.model.<part>.remat=...` can set it
 
 
 def base_config(stage: str | None, llm: dict, name: str) -> ConfigDict:
@@ -38,7 +45,8 @@ def base_config(stage: str | None, llm: dict, name: str) -> ConfigDict:
     c.seed = 42
     c.stage = stage
     c.model = ConfigDict(dict(
-        whisper=dict(WHISPER_LARGE_V2), beats=dict(BEATS_ITER3_PLUS), connector=dict(CONNECTOR), llm=dict(llm),
+        whisper=dict(NO_REMAT, **WHISPER_LARGE_V2), beats=dict(NO_REMAT, **BEATS_ITER3_PLUS),
+        connector=dict(NO_REMAT, **CONNECTOR), llm=dict(NO_REMAT, **llm),
         lora=dict(DEFAULT_LORA), chunk_seconds=30.0, freeze_whisper=True, freeze_beats=True,
         dtype="bfloat16", param_dtype="float32"))
     c.data = ConfigDict(dict(
@@ -57,7 +65,9 @@ def base_config(stage: str | None, llm: dict, name: str) -> ConfigDict:
     c.optim = ConfigDict(dict(
         schedule="lavis", lr=3e-5, min_lr=1e-5, warmup_start_lr=1e-6, warmup_steps=3000, total_steps=0,
         b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05, max_grad_norm=0.0,
-        trainable=r".*(connector|lora_[ab]).*", frozen="", no_decay=r".*(bias|scale)"))
+        trainable=r".*(connector|lora_[ab]).*", frozen="",
+        # "llm=bfloat16,whisper=bfloat16,beats=bfloat16": the frozen weights in bf16 (see launch/aot.py)
+        frozen_storage="", no_decay=r".*(bias|scale)"))
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.init = ConfigDict(dict(
         checkpoint="" if stage == 1 else f"workdir/{name}/stage{stage - 1}",

@@ -22,7 +22,7 @@ def get_config() -> ConfigDict:
         target_frames=1024, stft_method="fft", patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
         num_cls_tokens=3, num_classes=355, num_distance_bins=21, num_azimuth_bins=360,
         num_elevation_bins=180, eps=1e-6, head_init_std=2e-5, stem_channels=1, normalize_ipd=False, drop_path_rate=0.1, time_mask=192,
-        freq_mask=48, mask_t_prob=0.25, mask_f_prob=0.25, remat=False, attention_impl=None,
+        freq_mask=48, mask_t_prob=0.25, mask_f_prob=0.25, remat="none", attention_impl=None,
         dtype="bfloat16", param_dtype="float32"))
 
     c.data = ConfigDict(dict(

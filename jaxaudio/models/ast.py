@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxaudio.features.kaldi import kaldi_fbank
-from jaxaudio.layers import PreNormBlock, constrain, dense, layer_norm, param
+from jaxaudio.layers import PreNormBlock, constrain, dense, layer_norm, param, remat_block
 
 # ASTFeatureExtractor's defaults: AudioSet statistics of the log-mel features.
 AUDIOSET_MEAN = -4.2677393
@@ -68,7 +68,7 @@ class AST(nn.Module):
     num_mel_bins: int = 128
     num_labels: int = 0
     dropout: float = 0.0
-    remat: bool = False
+    remat: str | bool = "none"  # jaxaudio.layers.remat: none, full, dots, dots_no_batch (True = full)
     attention_impl: str | None = None
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
@@ -106,7 +106,7 @@ class AST(nn.Module):
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
 
-        block = nn.remat(PreNormBlock, static_argnums=(2,)) if self.remat else PreNormBlock
+        block = remat_block(PreNormBlock, self.remat, static_argnums=(2,), field="AST.remat")
         for i in range(self.num_hidden_layers):
             x = block(self.num_attention_heads, self.intermediate_size, eps=self.layer_norm_eps, fused_qkv=False,
                       activation=self.hidden_act, dropout=self.dropout, attention_impl=self.attention_impl,

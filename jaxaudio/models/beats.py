@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxaudio.features.kaldi import kaldi_fbank
-from jaxaudio.layers import MultiHeadAttention, PatchEmbed, constrain, dense, layer_norm, param
+from jaxaudio.layers import MultiHeadAttention, PatchEmbed, constrain, dense, layer_norm, param, remat_block
 
 FBANK_MEAN = 15.41663  # the BEATs recipe's AudioSet fbank statistics
 FBANK_STD = 6.55582
@@ -238,7 +238,7 @@ class BEATs(nn.Module):
     finetuned_model: bool = True
     predictor_dropout: float = 0.1
     predictor_class: int = 527
-    remat: bool = False
+    remat: str | bool = "none"  # jaxaudio.layers.remat: none, full, dots, dots_no_batch (True = full)
     attention_impl: str | None = None
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
@@ -308,7 +308,7 @@ class BEATs(nn.Module):
             rel = jnp.arange(tokens)[None, :] - jnp.arange(tokens)[:, None] + (tokens - 1)
             pos_bias = jnp.transpose(per_offset[rel], (2, 0, 1))  # [heads, tokens, tokens]
         mask = None if frame_mask is None and token_padding is None else ~pad[:, None, None, :]
-        layer_cls = nn.remat(BEATsLayer, static_argnums=(4,)) if self.remat else BEATsLayer
+        layer_cls = remat_block(BEATsLayer, self.remat, static_argnums=(4,), field="BEATs.remat")
         alpha = math.pow(2 * self.encoder_layers, 0.25) if self.deep_norm else 1.0
         for i in range(self.encoder_layers):
             if self.layer_wise_gradient_decay_ratio != 1.0:

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxaudio.layers import MultiHeadAttention, activation, constrain, dense, layer_norm, param
+from jaxaudio.layers import MultiHeadAttention, activation, constrain, dense, layer_norm, param, remat_block
 from jaxaudio.layers.transformer import ACT
 
 HEADS = ("none", "mlm", "token_classification")
@@ -177,6 +177,7 @@ class Bert(nn.Module):
     classifier_dropout: float | None = None  # None: `dropout`, as Hugging Face
     attention_dropout: float = 0.1
     attention_impl: str | None = None
+    remat: str | bool = "none"  # jaxaudio.layers.remat: none, full, dots, dots_no_batch (True = full)
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -210,10 +211,11 @@ class Bert(nn.Module):
         if _embed is not None:
             return BertOutputs(last_hidden_state=x)
         mask = None if attention_mask is None else attention_mask[:, None, None, :].astype(bool)
+        layer = remat_block(BertLayer, self.remat, static_argnums=(3,), field="Bert.remat")
         for i in range(self.num_layers):
-            x = BertLayer(self.hidden_size, self.num_heads, self.intermediate_size, self.hidden_act, self.eps,
-                          self.dropout, self.attention_impl, self.attention_dropout, name=f"layers_{i}",
-                          **kw)(x, mask, deterministic)
+            x = layer(self.hidden_size, self.num_heads, self.intermediate_size, self.hidden_act, self.eps,
+                      self.dropout, self.attention_impl, self.attention_dropout, name=f"layers_{i}",
+                      **kw)(x, mask, deterministic)
 
         pooled = None
         if self.pooler:

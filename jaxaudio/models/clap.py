@@ -31,7 +31,7 @@ import numpy as np
 
 from jaxaudio.features.resize import resize_axis
 from jaxaudio.layers import (BatchNorm, DropPath, Mlp, MultiHeadAttention, PatchEmbed, constrain, dense, layer_norm,
-                             param)
+                             param, remat_block)
 from jaxaudio.models.audio_llm import part_kwargs
 from jaxaudio.models.bert import Bert
 
@@ -288,6 +288,7 @@ class HTSAT(nn.Module):
     dropout: float = 0.0
     attention_dropout: float = 0.0
     attention_impl: str | None = None
+    remat: str | bool = "none"  # jaxaudio.layers.remat: none, full, dots, dots_no_batch (True = full)
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -351,13 +352,14 @@ class HTSAT(nn.Module):
         x = ClapPatchEmbed(self.embed_dim, self.patch_size, self.enable_fusion, self.enable_patch_layer_norm,
                            self.aff_block_r, name="patch_embed", **kw)(image, is_longer, train)
         rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths))
+        swin = remat_block(SwinBlock, self.remat, static_argnums=(2,), field="HTSAT.remat")
         block = 0
         for stage, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):
             dim = self.embed_dim * 2 ** stage
             for i in range(depth):
-                x = SwinBlock(dim, heads, self.window_size, 0 if i % 2 == 0 else self.window_size // 2,
-                              self.mlp_ratio, self.eps, self.hidden_act, self.dropout, self.attention_dropout,
-                              float(rates[block]), self.attention_impl, name=f"layers_{stage}_blocks_{i}", **kw)(
+                x = swin(dim, heads, self.window_size, 0 if i % 2 == 0 else self.window_size // 2,
+                         self.mlp_ratio, self.eps, self.hidden_act, self.dropout, self.attention_dropout,
+                         float(rates[block]), self.attention_impl, name=f"layers_{stage}_blocks_{i}", **kw)(
                     x, train)
                 block += 1
             if stage < len(self.depths) - 1:

@@ -19,6 +19,7 @@ from jaxaudio.layers.attention import MultiHeadAttention
 from jaxaudio.layers.dense import Dense, dense
 from jaxaudio.layers.norms import RMSNorm
 from jaxaudio.layers.partitioning import constrain, param
+from jaxaudio.layers.remat import remat_block
 
 ACT = ("act_batch", "act_length", "act_embed")
 
@@ -95,7 +96,7 @@ class Llama(nn.Module):
     max_position_embeddings: int = 2048  # informational: rotary positions have no table
     tie_word_embeddings: bool = False
     head_dim: int | None = None  # None: hidden_size // num_attention_heads
-    remat: bool = False
+    remat: str | bool = "none"  # jaxaudio.layers.remat: none, full, dots, dots_no_batch (True = full)
     decode: bool = False
     attention_impl: str | None = None
     dtype: jnp.dtype = jnp.float32
@@ -105,7 +106,8 @@ class Llama(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.embed_tokens = nn.Embed(self.vocab_size, self.hidden_size,
                                      embedding_init=param(nn.initializers.normal(0.02), ("vocab", "embed")), **kw)
-        block = nn.remat(LlamaBlock) if self.remat else LlamaBlock
+        # Decoding takes no gradient: nothing to save memory for.
+        block = remat_block(LlamaBlock, "none" if self.decode else self.remat, field="Llama.remat")
         self.layers = [block(self.num_attention_heads, self.num_key_value_heads or self.num_attention_heads,
                              self.head_dim or self.hidden_size // self.num_attention_heads, self.intermediate_size,
                              self.rms_norm_eps, self.rope_theta, decode=self.decode,

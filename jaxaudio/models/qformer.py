@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxaudio.layers import MultiHeadAttention, constrain, dense, layer_norm, param
+from jaxaudio.layers import MultiHeadAttention, constrain, dense, layer_norm, param, remat_block
 from jaxaudio.layers.transformer import ACT
 from jaxaudio.models.bert import BertLayer
 
@@ -122,6 +122,7 @@ class QFormer(nn.Module):
     dropout: float = 0.1
     attention_dropout: float = 0.1
     attention_impl: str | None = None
+    remat: str | bool = "none"  # jaxaudio.layers.remat: none, full, dots, dots_no_batch (True = full)
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -139,11 +140,12 @@ class QFormer(nn.Module):
         x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
         context = constrain(encoder_hidden_states.astype(self.dtype), ACT)
         mask = None if encoder_mask is None else encoder_mask[:, None, None, :].astype(bool)
+        layer = remat_block(QFormerLayer, self.remat, static_argnums=(4,), field="QFormer.remat")
         for i in range(self.num_layers):
-            x = QFormerLayer(self.hidden_size, self.num_heads, self.intermediate_size, self.hidden_act, self.eps,
-                             self.dropout, self.attention_impl, self.attention_dropout,
-                             cross_attention=i % self.cross_attention_frequency == 0, name=f"layers_{i}",
-                             **kw)(x, context, mask, deterministic)
+            x = layer(self.hidden_size, self.num_heads, self.intermediate_size, self.hidden_act, self.eps,
+                      self.dropout, self.attention_impl, self.attention_dropout,
+                      cross_attention=i % self.cross_attention_frequency == 0, name=f"layers_{i}",
+                      **kw)(x, context, mask, deterministic)
         return x
 
 
@@ -167,6 +169,7 @@ class BatProjector(nn.Module):
     dropout: float = 0.1
     attention_dropout: float = 0.1
     attention_impl: str | None = None
+    remat: str | bool = "none"  # jaxaudio.layers.remat: none, full, dots, dots_no_batch (True = full)
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -178,7 +181,8 @@ class BatProjector(nn.Module):
         query = jnp.broadcast_to(query.astype(self.dtype), (x.shape[0],) + query.shape)
         h = QFormer(self.hidden_size, self.num_layers, self.num_heads, self.intermediate_size,
                     self.encoder_hidden_size, self.cross_attention_frequency, "gelu", self.eps, self.dropout,
-                    self.attention_dropout, self.attention_impl, name="qformer", **kw)(query, x, mask, deterministic)
+                    self.attention_dropout, self.attention_impl, remat=self.remat, name="qformer",
+                    **kw)(query, x, mask, deterministic)
         h = dense(self.llm_width, ("embed", "mlp"), name="linear", **kw)(h)
         return constrain(layer_norm(self.norm_eps, name="norm", **kw)(h), ACT)
 
@@ -244,6 +248,7 @@ class WindowQFormer(nn.Module):
     dropout: float = 0.1
     attention_dropout: float = 0.1
     attention_impl: str | None = None
+    remat: str | bool = "none"  # jaxaudio.layers.remat: none, full, dots, dots_no_batch (True = full)
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -275,7 +280,7 @@ class WindowQFormer(nn.Module):
         query = jnp.broadcast_to(query.astype(self.dtype), (batch * n,) + query.shape)
         h = QFormer(self.hidden_size, self.num_layers, self.num_heads, self.intermediate_size,
                     self.encoder_hidden_size, self.cross_attention_frequency, "gelu", self.eps, self.dropout,
-                    self.attention_dropout, self.attention_impl, name="speech_qformer",
+                    self.attention_dropout, self.attention_impl, remat=self.remat, name="speech_qformer",
                     **kw)(query, frames, mask, deterministic)
         h = dense(self.llm_width, ("embed", "mlp"), name="speech_llama_proj", **kw)(h)
         return constrain(h.reshape(batch, n * self.num_queries, self.llm_width), ACT)
@@ -306,6 +311,7 @@ class SalmonnConnector(nn.Module):
     dropout: float = 0.1
     attention_dropout: float = 0.1
     attention_impl: str | None = None
+    remat: str | bool = "none"  # jaxaudio.layers.remat: none, full, dots, dots_no_batch (True = full)
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -318,5 +324,5 @@ class SalmonnConnector(nn.Module):
         return WindowQFormer(self.llm_width, self.num_queries, self.second_per_window, self.second_stride,
                              self.frames_per_30s, self.hidden_size, self.num_layers, self.num_heads,
                              self.intermediate_size, self.speech_width + (self.audio_width or 0), 1, self.eps,
-                             self.dropout, self.attention_dropout, self.attention_impl, name="window_qformer",
-                             **kw)(fused, mask, deterministic)
+                             self.dropout, self.attention_dropout, self.attention_impl, remat=self.remat,
+                             name="window_qformer", **kw)(fused, mask, deterministic)

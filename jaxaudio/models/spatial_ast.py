@@ -26,7 +26,7 @@ from jaxaudio.features.binaural import binaural_features
 from jaxaudio.features.mel import mel_filterbank
 from jaxaudio.features.resize import resize_axis
 from jaxaudio.features.stft import dft_kernels
-from jaxaudio.layers import BatchNorm, PatchEmbed, PreNormBlock, constrain, dense, layer_norm, param
+from jaxaudio.layers import BatchNorm, PatchEmbed, PreNormBlock, constrain, dense, layer_norm, param, remat_block
 
 
 def sincos_pos_embed_2d(embed_dim: int, grid_t: int, grid_f: int) -> np.ndarray:
@@ -139,7 +139,7 @@ class SpatialAST(nn.Module):
     freq_mask: int = 48
     mask_t_prob: float = 0.25
     mask_f_prob: float = 0.25
-    remat: bool = False
+    remat: str | bool = "none"  # jaxaudio.layers.remat: none, full, dots, dots_no_batch (True = full)
     attention_impl: str | None = None
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
@@ -181,7 +181,7 @@ class SpatialAST(nn.Module):
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (batch,) + cls.shape), x], axis=1)
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
 
-        block = nn.remat(PreNormBlock, static_argnums=(2,)) if self.remat else PreNormBlock
+        block = remat_block(PreNormBlock, self.remat, static_argnums=(2,), field="SpatialAST.remat")
         rates = np.linspace(0, self.drop_path_rate, self.depth)
         for i in range(self.depth):
             x = block(self.num_heads, int(self.embed_dim * self.mlp_ratio), eps=self.eps, fused_qkv=True,

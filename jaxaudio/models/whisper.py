@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxaudio.layers import PreNormBlock, layer_norm, param
+from jaxaudio.layers import PreNormBlock, layer_norm, param, remat_block
 
 
 def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> np.ndarray:
@@ -45,7 +45,7 @@ class WhisperEncoder(nn.Module):
     activation: str = "gelu"
     eps: float = 1e-5
     dropout: float = 0.0
-    remat: bool = False
+    remat: str | bool = "none"  # jaxaudio.layers.remat: none, full, dots, dots_no_batch (True = full)
     attention_impl: str | None = None
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
@@ -78,7 +78,7 @@ class WhisperEncoder(nn.Module):
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
 
         # Whisper's k_proj has no bias; otherwise a plain pre-LN block.
-        layer = nn.remat(PreNormBlock, static_argnums=(2,)) if self.remat else PreNormBlock
+        layer = remat_block(PreNormBlock, self.remat, static_argnums=(2,), field="WhisperEncoder.remat")
         for i in range(self.encoder_layers):
             x = layer(self.encoder_attention_heads, self.encoder_ffn_dim, eps=self.eps, fused_qkv=False,
                       key_bias=False, activation=self.activation, dropout=self.dropout,

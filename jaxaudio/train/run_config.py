@@ -20,9 +20,10 @@ log = logging.getLogger(__name__)
 
 # How often to log / evaluate / save, the number of steps (extending a run; the schedule's
 # length is `optim.total_steps`, compared), data-loading threads, the layout (a run resumes on
-# another mesh), where the first start's weights came from, and what evaluation reads.
+# another mesh), where the first start's weights came from, what evaluation reads, and what
+# the blocks recompute for the backward pass (memory against time; the same values).
 RUNTIME_KEYS = re.compile(r"train\.(steps|log_every|eval_every|checkpoint_every|keep_checkpoints|data_threads"
-                          r"|data_prefetch|eval_batch_size)|mesh\..*|init\..*|eval\..*")
+                          r"|data_prefetch|eval_batch_size)|mesh\..*|init\..*|eval\..*|model\.(\w+\.)?remat")
 
 
 class ConfigDrift(ValueError):
