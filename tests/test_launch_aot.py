@@ -28,7 +28,7 @@ def no_cache():
 
 def test_compiles_for_a_tpu_slice(data_root, no_cache, monkeypatch):
     pytest.importorskip("libtpu", reason="requirements-test.txt installs libtpu only where jax 0.10.x is (Python < 3.12)")
-    from launch.aot import compile_steps, target_devices
+    from jaxaudio.train.aot import compile_steps, target_devices
     monkeypatch.setenv("TPU_SKIP_MDS_QUERY", "1")
     monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     devices = target_devices("v5e:2x2")

@@ -1,0 +1,150 @@
+"""Ahead-of-time compilation of a config's steps for a target (a TPU slice, deviceless, or the
+local devices) and what it tells before launching: per-device memory against the chip,
+whether it fits, compile time, FLOPs. `launch/aot.py` is the command line.
+"""
+import os
+import time
+
+GIB = 1024 ** 3
+# Memory per chip (HBM) by `device_kind`, for devices that do not report their own.
+CHIP_MEMORY_GIB = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5e": 16, "TPU v5": 95, "TPU v5p": 95, "TPU v6 lite": 32,
+                   "TPU v6e": 32}
+
+
+class AotError(ValueError):
+    pass
+
+
+def target_devices(topology: str | None) -> list:
+    import jax
+    if not topology:
+        return list(jax.devices())
+    from jax.experimental import topologies
+    # Before libtpu loads: no TPU metadata server to wait for, and deviceless compiles hold
+    # no chip, so two may share the host.
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    try:
+        return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
+    except Exception as e:  # noqa: BLE001 — libtpu missing, or a name it does not know
+        first = " ".join(str(e).split())[:300]
+        raise AotError(f"--topology={topology}: cannot describe that TPU slice ({first}); it needs libtpu "
+                       "(pip install libtpu, the version jax[tpu] pins) and a name such as v5e:2x2 or v5p:2x2x1") \
+            from None
+
+
+def chip_memory(device, override: float | None) -> int | None:
+    if override:
+        return int(override * GIB)
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:  # noqa: BLE001 — topology devices and CPUs report nothing
+        stats = {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    gib = CHIP_MEMORY_GIB.get(device.device_kind)
+    return None if gib is None else gib * GIB
+
+
+def per_device_bytes(tree) -> int:
+    """Bytes one device holds of `tree` (ShapeDtypeStructs with shardings): the largest shard."""
+    import jax
+    import numpy as np
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
+        total += int(np.prod(shape)) * np.dtype(x.dtype).itemsize
+    return total
+
+
+def _abstract_batch(batch, sharding):
+    import jax
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding) for k, v in batch.items()}
+
+
+def compile_report(compiled, seconds: float, memory: int | None, extra: dict) -> dict:
+    m = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else (cost or {})
+    peak = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+            + m.generated_code_size_in_bytes)
+    out = dict(extra, argument_bytes=m.argument_size_in_bytes, output_bytes=m.output_size_in_bytes,
+               alias_bytes=m.alias_size_in_bytes, temp_bytes=m.temp_size_in_bytes, peak_bytes=peak,
+               chip_bytes=memory, fits=None if memory is None else bool(peak <= memory),
+               headroom=None if memory is None else 1.0 - peak / memory, compile_s=seconds,
+               flops=float(cost.get("flops", 0.0)))
+    return out
+
+
+def compile_steps(config, devices: list, steps: list[str], batch: int | None = None,
+                  memory_gib: float | None = None) -> dict:
+    """Compile `steps` of `config` for `devices` (real or a topology's); the report as a dict."""
+    import flax.linen as nn
+    import jax
+
+    from jaxaudio.layers.partitioning import DEFAULT_RULES
+    from jaxaudio.layers.platform import for_platform
+    from jaxaudio.tasks import get_task
+    from jaxaudio.train.loop import make_train_step
+    from jaxaudio.train.mesh import batch_sharding, make_mesh
+    from jaxaudio.train.optim import make_optimizer, resolve_total_steps, storage_dtypes, trainable_mask
+    from jaxaudio.train.settings import check_settings
+    from jaxaudio.train.state import abstract_train_state
+
+    unknown = sorted(set(steps) - {"train", "eval"})
+    if unknown:
+        raise AotError(f"--steps: unknown {unknown}; choose from train, eval")
+    with config.unlocked():
+        if batch:
+            config.train.batch_size = batch
+    check_settings(config, len(devices))
+    resolve_total_steps(config)
+    mesh = make_mesh(config.mesh.to_dict(), devices)
+    task = get_task(config.task)(config)  # no data: the batches are abstract
+    rng = jax.random.PRNGKey(config.seed)
+    params = nn.unbox(jax.eval_shape(task.init_variables, rng))["params"]
+    tx, _ = make_optimizer(config.optim, params, task.layer_scale)
+    state, shardings = abstract_train_state(task.init_variables, tx, rng, mesh, DEFAULT_RULES,
+                                            storage_dtypes(config.optim, params))
+    data_sh = batch_sharding(mesh)
+    memory = chip_memory(devices[0], memory_gib)
+    report = {"config": config.get("task"), "devices": len(devices), "device_kind": devices[0].device_kind,
+              "mesh": dict(zip(mesh.axis_names, mesh.devices.shape)),
+              "param_bytes": per_device_bytes(state.params), "opt_state_bytes": per_device_bytes(state.opt_state),
+              "params": int(sum(x.size for x in jax.tree.leaves(state.params))), "steps": {}}
+    with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES), for_platform(devices[0].platform):
+        if "train" in steps:
+            tcfg = config.train
+            fn = make_train_step(task, tx, tcfg.accum_steps, tcfg.nan_guard, trainable_mask(config.optim, params))
+            b = _abstract_batch(task.batch_spec(tcfg.batch_size, train=True), data_sh)
+            t0 = time.perf_counter()
+            compiled = jax.jit(fn, in_shardings=(shardings, data_sh), out_shardings=(shardings, None),
+                               donate_argnums=0).lower(state, b).compile()
+            report["steps"]["train"] = compile_report(compiled, time.perf_counter() - t0, memory,
+                                                      {"batch": tcfg.batch_size})
+        if "eval" in steps:
+            size = config.train.eval_batch_size
+            b = _abstract_batch(task.batch_spec(size, train=False), data_sh)
+            t0 = time.perf_counter()
+            compiled = jax.jit(task.eval_step, in_shardings=(shardings.params, shardings.extra, data_sh)).lower(
+                state.params, state.extra, b).compile()
+            report["steps"]["eval"] = compile_report(compiled, time.perf_counter() - t0, memory, {"batch": size})
+    return report
+
+
+def format_report(r: dict) -> str:
+    def gib(n):
+        if n is None:
+            return "-"
+        return f"{n / GIB:.2f} GiB" if n >= GIB // 10 else f"{n / 2 ** 20:.1f} MiB"
+    lines = [f"{r['config']} on {r['devices']} x {r['device_kind']}, mesh {r['mesh']}, {r['params'] / 1e6:.1f}M "
+             f"parameters", f"  per device: parameters {gib(r['param_bytes'])}, optimizer state "
+             f"{gib(r['opt_state_bytes'])}"]
+    for name, s in r["steps"].items():
+        verdict = "?" if s["fits"] is None else ("fits" if s["fits"] else "DOES NOT FIT")
+        room = "" if s["headroom"] is None else f", headroom {100 * s['headroom']:.0f}%"
+        lines.append(f"  {name} (batch {s['batch']}): peak {gib(s['peak_bytes'])} of {gib(s['chip_bytes'])} "
+                     f"-> {verdict}{room}; arguments {gib(s['argument_bytes'])}, temporaries {gib(s['temp_bytes'])}, "
+                     f"outputs {gib(s['output_bytes'])} ({gib(s['alias_bytes'])} aliased); compile "
+                     f"{s['compile_s']:.1f} s; {s['flops']:.3e} FLOPs/step/device")
+    return "\n".join(lines)
