@@ -33,6 +33,8 @@ from launch.common import check_config, parse_flags, setup_jax, user_errors  # n
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "A TPU slice by name (v5e:2x2, v5p:2x2x1, v6e:2x2, ...), "
                                 "compiled for without the chips; default: the local devices.")
+_CHIPS_PER_HOST = flags.DEFINE_string("chips_per_host", None, "The slice's host shape (2x2, 2x4); default: "
+                                       "libtpu's, or the whole slice when it is smaller (v5e:1x1, v5e:2x4).")
 _BATCH = flags.DEFINE_integer("batch", None, "Global train batch (default: config.train.batch_size).")
 _STEPS = flags.DEFINE_list("steps", ["train"], "Which steps: train, eval.")
 _JSON = flags.DEFINE_string("json", None, "Also write the report here.")
@@ -52,7 +54,7 @@ def main(argv):
     config = check_config(_CONFIG.value)
     from jaxaudio.train.aot import AotError, compile_steps, format_report, target_devices
     try:
-        report = compile_steps(config, target_devices(_TOPOLOGY.value), _STEPS.value, _BATCH.value, _MEMORY.value)
+        report = compile_steps(config, target_devices(_TOPOLOGY.value, _CHIPS_PER_HOST.value), _STEPS.value, _BATCH.value, _MEMORY.value)
     except (AotError, *user_errors()) as e:
         sys.stderr.write(f"{e}\n")
         sys.exit(2)

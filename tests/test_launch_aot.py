@@ -33,6 +33,7 @@ def test_compiles_for_a_tpu_slice(data_root, no_cache, monkeypatch):
     monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     devices = target_devices("v5e:2x2")
     assert len(devices) == 4 and devices[0].platform == "tpu"
+    assert len(target_devices("v5e:1x1")) == 1 and len(target_devices("v5e:2x4")) == 8  # smaller than a host
     reports = {}
     for name, mesh in (("data", dict(data=4, fsdp=1)), ("fsdp", dict(data=1, fsdp=4))):
         c = tiny_config(data_root, steps=2)

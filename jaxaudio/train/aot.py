@@ -15,7 +15,15 @@ class AotError(ValueError):
     pass
 
 
-def target_devices(topology: str | None) -> list:
+def _dims(text: str) -> list[int]:
+    dims = [int(x) for x in text.split("x")]
+    return dims + [1] * (3 - len(dims))
+
+
+def target_devices(topology: str | None, chips_per_host: str | None = None) -> list:
+    """The local devices, or the compile-only devices of the TPU slice `topology`
+    ("v5e:2x2"). `chips_per_host` ("2x4") gives the slice's host shape; by default libtpu's,
+    and for a slice smaller than that (one chip, a v5e 2x4 host) the slice's own."""
     import jax
     if not topology:
         return list(jax.devices())
@@ -24,8 +32,18 @@ def target_devices(topology: str | None) -> list:
     # no chip, so two may share the host.
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+    def describe(**kw):
+        return list(topologies.get_topology_desc(topology_name=topology, platform="tpu", **kw).devices)
     try:
-        return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
+        if chips_per_host:
+            return describe(chips_per_host_bounds=_dims(chips_per_host))
+        try:
+            return describe()
+        except Exception as e:  # noqa: BLE001
+            if "not divisible" not in str(e) or ":" not in topology:
+                raise
+            return describe(chips_per_host_bounds=_dims(topology.split(":", 1)[1]))
     except Exception as e:  # noqa: BLE001 — libtpu missing, or a name it does not know
         first = " ".join(str(e).split())[:300]
         raise AotError(f"--topology={topology}: cannot describe that TPU slice ({first}); it needs libtpu "
