@@ -248,3 +248,32 @@ def test_two_processes_train_as_one(data_root, tmp_path):
                       f"--workdir={two}", "--config.train.checkpoint_every=1000", "--config.optim.total_steps=300")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [r["step"] for r in _rows(two)] == list(range(1, steps + 3))
+
+
+def test_sigterm_to_one_process_stops_both_after_the_same_step(data_root, tmp_path):
+    """A preemption notice may reach one host only: the processes agree every step, both
+    finish the same step, save it (one checkpoint) and exit 143; one process resumes it."""
+    port, workdir = _free_port(), str(tmp_path / "two")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    procs = [subprocess.Popen(_train_cmd(data_root, 300, workdir, "--config.mesh.data=-1", "--distributed",
+                                         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                                         f"--process_id={i}"), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    path = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + 300
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+        if os.path.exists(path) and sum(1 for _ in open(path)) >= 3:
+            procs[1].send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    lines = [[x for x in err.splitlines() if x.startswith("SIGTERM: stopped after step")] for err in errs]
+    for p, err, line in zip(procs, errs, lines):
+        assert p.returncode == 128 + signal.SIGTERM and len(line) == 1, err[-2000:]
+    assert lines[0] == lines[1]  # the same step on both
+    stop = int(lines[0][0].split("step ")[1].split()[0])
+    assert max(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))) == stop
+    proc = run_module("launch.train", f"--config=tests/train/fixtures.py:{data_root},{stop + 2}", f"--workdir={workdir}",
+                      "--config.train.checkpoint_every=1000", "--config.optim.total_steps=300")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["step"] for r in _rows(workdir)] == list(range(1, stop + 3))
