@@ -116,7 +116,7 @@ def jax_train_step(config, batch: int, all_devices: bool):
     from jaxaudio.train.flops import compiled_flops, spatial_ast_train_flops
     from jaxaudio.train.loop import make_train_step
     from jaxaudio.train.mesh import batch_sharding, make_mesh
-    from jaxaudio.train.optim import make_optimizer, resolve_total_steps, trainable_mask
+    from jaxaudio.train.optim import make_optimizer, resolve_total_steps, storage_dtypes, trainable_mask
     from jaxaudio.train.state import create_sharded_state
 
     task = get_task(config.task)(config)  # no prepare_data(): the batch is random
@@ -128,7 +128,8 @@ def jax_train_step(config, batch: int, all_devices: bool):
     resolve_total_steps(config)
     tx, _ = make_optimizer(config.optim, nn.unbox(abstract)["params"], task.layer_scale)
     # As in the trainer: the out_shardings place the state.
-    state, shardings = create_sharded_state(task.init_variables, tx, rng, mesh, DEFAULT_RULES)
+    state, shardings = create_sharded_state(task.init_variables, tx, rng, mesh, DEFAULT_RULES,
+                                            storage_dtypes(config.optim, nn.unbox(abstract)["params"]))
     data_sh = batch_sharding(mesh)
     step_fn = make_train_step(task, tx, config.train.accum_steps, config.train.nan_guard,
                               trainable_mask(config.optim, nn.unbox(abstract)["params"]))

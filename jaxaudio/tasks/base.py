@@ -78,6 +78,12 @@ class Task(abc.ABC):
         """Metrics over the whole evaluation set (`chance_<name>` entries print beside them)."""
 
     # --- data --------------------------------------------------------------------------
+    def checked_splits(self, eval_data: str) -> list[str]:
+        """The splits a task checks before step 1: "train", and "eval" when its data is
+        generated, given (`eval_data`, the config's eval file) or read (`train.eval_every`)."""
+        read = self.config.data.get("generate") or eval_data or self.config.train.get("eval_every")
+        return ["train", "eval"] if read else ["train"]
+
     def prepare_data(self) -> None:
         """Make sure the data exists (e.g. generate it); the trainer runs it on process 0."""
 

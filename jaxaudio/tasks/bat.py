@@ -278,7 +278,7 @@ class BatTask(Task):
         read) evaluation split, and every clip and binaural room response they use can be read
         (`data.validate`, headers only; each file once however many questions share it)."""
         d = self.config.data
-        splits = ["train"] + (["eval"] if d.generate or d.eval_json or self.config.train.get("eval_every") else [])
+        splits = self.checked_splits(d.eval_json)
         problems = []
         for split in splits:
             records, origins = self._split(split)[0], self._origins[split]

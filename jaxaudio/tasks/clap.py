@@ -264,7 +264,7 @@ class CLAPTask(Task):
         evaluation manifest has a caption, a `label` in `data.classes` (when both are given),
         and a clip that can be read (`data.validate`: headers only; any channels and rate)."""
         d = self.config.data
-        splits = ["train"] + (["eval"] if d.generate or d.eval_manifest or self.config.train.get("eval_every") else [])
+        splits = self.checked_splits(d.eval_manifest)
         manifests = list(dict.fromkeys(self._paths(split)[0] for split in splits))  # one file may serve both
         classes_path = self._paths("eval")[1] if len(splits) > 1 else ""
         classes = read_classes(classes_path) if classes_path else None

@@ -328,7 +328,7 @@ class SalmonnTask(Task):
         have items of the chosen tasks, and every clip they use (`path`, `expand_wav`) can be
         read (`data.validate`: headers only; any channel count and rate, as `load_clip` takes)."""
         d = self.config.data
-        splits = ["train"] + (["eval"] if d.generate or d.eval_json or self.config.train.get("eval_every") else [])
+        splits = self.checked_splits(d.eval_json)
         problems = []
         for split in splits:
             items, origins = self._split(split), self._origins[split]

@@ -143,7 +143,7 @@ class SpatialASTTask(Task):
         (when it will be read) evaluation manifest: its labels, its clip (2 channels, any rate)
         or, for official-layout records, its mono clip and room response (`data.validate`)."""
         d = self.config.data
-        splits = ["train"] + (["eval"] if d.generate or d.eval_manifest or self.config.train.get("eval_every") else [])
+        splits = self.checked_splits(d.eval_manifest)
         problems = []
         for split in splits:
             manifest, classes_path = self._paths(split)

@@ -47,6 +47,11 @@ def _quiet_failed_reads() -> None:
     sys.unraisablehook = hook
 
 
+def _warn_skipped(step: int, directory: str, error: Exception) -> None:
+    log.warning("checkpoint step %d in %s cannot be restored (%s); trying the one before", step, directory,
+                _reason(error))
+
+
 class CheckpointMismatch(ValueError):
     """The checkpoint is readable but holds another model's shapes."""
 
@@ -121,8 +126,7 @@ class Checkpointer:
                 if move_damaged:
                     self._move_aside(step, e)
                 else:
-                    log.warning("checkpoint step %d in %s cannot be restored (%s); trying the one before", step,
-                                self.directory, _reason(e))
+                    _warn_skipped(step, self.directory, e)
         return None, target
 
     def _move_aside(self, step: int, error: Exception) -> None:
@@ -160,8 +164,7 @@ def restore_run_variables(workdir: str) -> tuple[int, dict[str, Any]]:
                 state = _restore(manager, step, None)
             except Exception as e:  # noqa: BLE001
                 _quiet_failed_reads()
-                log.warning("checkpoint step %d in %s cannot be restored (%s); trying the one before", step,
-                            directory, _reason(e))
+                _warn_skipped(step, directory, e)
                 continue
             variables = {"params": state["params"], **state["extra"]}
             return step, jax.tree.map(np.asarray, variables)

@@ -16,6 +16,8 @@ import time
 import jax
 from ml_collections import ConfigDict
 
+from jaxaudio.data.manifest import write_json_atomic
+
 log = logging.getLogger(__name__)
 
 # How often to log / evaluate / save, the number of steps (extending a run; the schedule's
@@ -40,13 +42,6 @@ def _flat(tree, prefix: str = "") -> dict[str, object]:
     return out
 
 
-def _write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def check_run_config(config: ConfigDict, workdir: str, allow: bool = False) -> None:
     """Store `config` in `workdir` at the first start; refuse a restart that changes results."""
     path = os.path.join(workdir, "config.json")
@@ -61,7 +56,7 @@ def check_run_config(config: ConfigDict, workdir: str, allow: bool = False) -> N
         keys = sorted(k for k in set(now) | set(saved) if not RUNTIME_KEYS.fullmatch(k) and now.get(k) != saved.get(k))
         if not keys:
             if jax.process_index() == 0 and now != saved:
-                _write(path, text)  # runtime keys: the record follows the latest start
+                write_json_atomic(path, json.loads(text))  # runtime keys: the record follows the latest start
             return
         lines = [f"{k}: {saved.get(k, '(absent)')!r} -> {now.get(k, '(absent)')!r}" for k in keys]
         if not allow:
@@ -73,4 +68,4 @@ def check_run_config(config: ConfigDict, workdir: str, allow: bool = False) -> N
             os.replace(path, os.path.join(workdir, f"config.{time.strftime('%Y%m%d-%H%M%S')}.json"))
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
-        _write(path, text)
+        write_json_atomic(path, json.loads(text))
