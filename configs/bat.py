@@ -60,7 +60,8 @@ def get_config(stage: str | None = None) -> ConfigDict:
                        remat="none"),
         llm=dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-5, rope_theta=10000.0,
-                 max_position_embeddings=4096, tie_word_embeddings=False, remat="none"),
+                 max_position_embeddings=4096, tie_word_embeddings=False, remat="none",
+                 scan_layers=True),
         lora=dict(DEFAULT_LORA),
         dtype="bfloat16", param_dtype="float32"))
 
@@ -83,7 +84,8 @@ def get_config(stage: str | None = None) -> ConfigDict:
         lr=1e-4, min_lr=1e-4, warmup_steps=20_000, total_steps=0, b1=0.9, b2=0.999, eps=1e-8,
         weight_decay=0.0, max_grad_norm=0.0,
         trainable=r".*(projector|lora_[ab]).*", frozen="",
-        # "llm=bfloat16,encoder=bfloat16": the frozen weights in bf16 (half the memory; see launch/aot.py)
+        # "llm=bfloat16,encoder=bfloat16": the frozen weights in bf16 (half the memory; see launch/aot.py);
+        # "llm=int8": the LLM's frozen Dense kernels in int8 + per-channel scales (a quarter), the rest bf16
         frozen_storage="", no_decay=r".*(bias|scale)"))
 
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))

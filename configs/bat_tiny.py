@@ -30,7 +30,7 @@ def get_config(stage: str | None = None) -> ConfigDict:
                              attention_dropout=0.1)
     c.model.llm = dict(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=4, rms_norm_eps=1e-5, rope_theta=10000.0,
-                       max_position_embeddings=256, tie_word_embeddings=False)
+                       max_position_embeddings=256, tie_word_embeddings=False, scan_layers=False)
     c.model.dtype = "float32"
     c.data.update(dict(generate=True, root="data_cache/bat_tiny", num_train=2000, num_eval=250, clip_seconds=1.0,
                        tokenizer="", pad_token="<pad>", max_len=64))

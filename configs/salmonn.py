@@ -46,7 +46,7 @@ def base_config(stage: str | None, llm: dict, name: str) -> ConfigDict:
     c.stage = stage
     c.model = ConfigDict(dict(
         whisper=dict(NO_REMAT, **WHISPER_LARGE_V2), beats=dict(NO_REMAT, **BEATS_ITER3_PLUS),
-        connector=dict(NO_REMAT, **CONNECTOR), llm=dict(NO_REMAT, **llm),
+        connector=dict(NO_REMAT, **CONNECTOR), llm=dict(NO_REMAT, scan_layers=True, **llm),
         lora=dict(DEFAULT_LORA), chunk_seconds=30.0, freeze_whisper=True, freeze_beats=True,
         dtype="bfloat16", param_dtype="float32"))
     c.data = ConfigDict(dict(
@@ -66,7 +66,8 @@ def base_config(stage: str | None, llm: dict, name: str) -> ConfigDict:
         schedule="lavis", lr=3e-5, min_lr=1e-5, warmup_start_lr=1e-6, warmup_steps=3000, total_steps=0,
         b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05, max_grad_norm=0.0,
         trainable=r".*(connector|lora_[ab]).*", frozen="",
-        # "llm=bfloat16,whisper=bfloat16,beats=bfloat16": the frozen weights in bf16 (see launch/aot.py)
+        # "llm=bfloat16,whisper=bfloat16,beats=bfloat16": the frozen weights in bf16 (see launch/aot.py);
+        # "llm=int8": the LLM's frozen Dense kernels in int8 + per-channel scales (a quarter), the rest bf16
         frozen_storage="", no_decay=r".*(bias|scale)"))
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.init = ConfigDict(dict(

@@ -91,8 +91,11 @@ def _decode(model, params, inputs_embeds, attention_mask, rng, max_new_tokens, e
     n = max_new_tokens
     full_mask = jnp.concatenate([mask, jnp.ones((batch, n), jnp.int32)], axis=1)
     dec = model.clone(decode=True)
-    shapes = jax.eval_shape(lambda: dec.init(jax.random.PRNGKey(0), inputs_embeds=jnp.zeros(
-        (batch, prefix + n, width), inputs_embeds.dtype)))["cache"]
+
+    def cache_shapes(rows):
+        return jax.eval_shape(lambda: dec.init(jax.random.PRNGKey(0), inputs_embeds=jnp.zeros(
+            (rows, prefix + n, width), inputs_embeds.dtype)))["cache"]
+    shapes = cache_shapes(batch)
     cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     logits, cache = _forward(dec, params, cache, {"inputs_embeds": inputs_embeds}, full_mask,
                              positions_from_mask(mask.astype(bool)))
@@ -100,12 +103,17 @@ def _decode(model, params, inputs_embeds, attention_mask, rng, max_new_tokens, e
     if num_beams == 1:
         return _greedy(dec, params, cache, logits, full_mask, first_position, rng, n, eos, pad, do_sample,
                        temperature)
-    def rows(a):  # every beam starts from its example's prefix
-        return jnp.repeat(a, num_beams, axis=0) if a.ndim else a
+    # Each cache entry's batch axis: 0, or 1 under a scanned stack's leading layer axis; none
+    # for the write indices. Read off the shapes at two batch sizes.
+    axes = jax.tree.map(lambda a, b: next((i for i, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y), None),
+                        shapes, cache_shapes(batch + 1))
 
-    cache = jax.tree.map(rows, cache)
-    return _beam(dec, params, cache, rows(logits), rows(full_mask), rows(first_position), n, eos, pad, num_beams,
-                 length_penalty)
+    def rows(a, axis=0):  # every beam starts from its example's prefix
+        return a if axis is None else jnp.repeat(a, num_beams, axis=axis)
+
+    cache = jax.tree.map(rows, cache, axes)
+    return _beam(dec, params, cache, axes, rows(logits), rows(full_mask), rows(first_position), n, eos, pad,
+                 num_beams, length_penalty)
 
 
 def _forward(dec, params, cache, inputs, full_mask, positions):
@@ -166,7 +174,7 @@ def _gather(a: jax.Array, index: jax.Array) -> jax.Array:
     return jnp.take_along_axis(a, index.reshape(index.shape + (1,) * (a.ndim - 2)), axis=1)
 
 
-def _beam(dec, params, cache, logits, full_mask, first_position, n, eos, pad, k, length_penalty):
+def _beam(dec, params, cache, cache_axes, logits, full_mask, first_position, n, eos, pad, k, length_penalty):
     """Hugging Face's vectorised beam search (`GenerationMixin._beam_search`), `early_stopping=False`."""
     rows, vocab = logits.shape
     batch = rows // k
@@ -207,7 +215,8 @@ def _beam(dec, params, cache, logits, full_mask, first_position, n, eos, pad, k,
         go_on = jnp.any(improvable) & ~jnp.all(hits)
 
         flat_source = (jnp.arange(batch)[:, None] * k + source).reshape(-1)
-        cache = jax.tree.map(lambda c: c[flat_source] if c.ndim else c, s["cache"])
+        cache = jax.tree.map(lambda c, axis: c if axis is None else jnp.take(c, flat_source, axis=axis),
+                             s["cache"], cache_axes)
         logits, cache = jax.lax.cond(
             go_on, lambda: _step(dec, params, cache, running_seqs[:, :, t].reshape(-1), full_mask, first_position, t),
             lambda: (s["logits"], cache))

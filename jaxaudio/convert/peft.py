@@ -17,6 +17,7 @@ import numpy as np
 
 from jaxaudio.convert.engine import ConversionError, flatten, unflatten
 from jaxaudio.layers.lora import LoraConfig, adapted_modules
+from jaxaudio.layers.scan import LayoutError, restack, scanned_stacks, unstack
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -61,9 +62,9 @@ def export_peft(out_dir: str, params: Any, config: LoraConfig, names: ModuleName
                 base_model: str | None = None, task_type: str = "CAUSAL_LM") -> list[str]:
     """Write the adapters found in `params` as a PEFT adapter directory; returns the keys."""
     from safetensors.numpy import save_file
-    flat = flatten(params)
+    flat = unstack(flatten(params))  # PEFT names layers one by one
     tensors, leaves = {}, set()
-    modules = adapted_modules(params)
+    modules = adapted_modules(unflatten(flat))
     if not modules:
         raise ConversionError("export_peft: the parameters hold no lora_a/lora_b (init them inside `lora(config)`)")
     for module in modules:
@@ -135,6 +136,8 @@ def import_peft(adapter_dir: str, params: Any, names: ModuleNames) -> tuple[Any,
     peft_config, tensors = _read_adapter(adapter_dir)
     config = lora_config_from_peft(peft_config, names, os.path.join(adapter_dir, CONFIG_FILE))
     flat = dict(flatten(params))
+    stacks = scanned_stacks(flat)
+    flat = unstack(flat)  # PEFT names layers one by one; a scanned model gets its stacks back below
     pairs: dict[str, dict[str, np.ndarray]] = {}
     problems = []
     for key, value in sorted(tensors.items()):
@@ -175,4 +178,9 @@ def import_peft(adapter_dir: str, params: Any, names: ModuleNames) -> tuple[Any,
     targeted = {k[: -len("/kernel")] for k in flat if k.endswith("/kernel") and pattern.fullmatch(k[: -len("/kernel")])}
     if targeted != set(pairs):
         config = dataclasses.replace(config, targets="|".join(re.escape(p) for p in sorted(pairs)))
-    return unflatten(flat), config
+    try:
+        restacked = restack(flat, stacks, strict=True)
+    except LayoutError as e:
+        raise ConversionError(f"{adapter_dir}: {e}; this model runs those layers under nn.scan (all adapted "
+                              "alike): load the adapter into a model with scan_layers=False") from None
+    return unflatten(restacked), config

@@ -12,7 +12,8 @@ def load_model(task, workdir: str | None, checkpoint: str | None, load_converted
     import flax.linen as nn
     import jax
 
-    from jaxaudio.convert.engine import ConversionError, flatten
+    from jaxaudio.convert.engine import ConversionError, flatten, unflatten
+    from jaxaudio.layers.scan import relayout
     if checkpoint:
         try:
             return load_converted(checkpoint)
@@ -25,7 +26,9 @@ def load_model(task, workdir: str | None, checkpoint: str | None, load_converted
         raise InferError(f"--workdir={workdir}: {str(e).splitlines()[0]}") from None
     want = {k: tuple(v.shape) for k, v in flatten(nn.unbox(jax.eval_shape(
         task.init_variables, jax.random.PRNGKey(0)))).items()}
-    have = {k: tuple(v.shape) for k, v in flatten(variables).items()}
+    flat = relayout(flatten(variables), want)  # a run saved with the other layer layout
+    variables = unflatten(flat)
+    have = {k: tuple(v.shape) for k, v in flat.items()}
     if want != have:
         differ = sorted(set(want.items()) ^ set(have.items()))
         raise InferError(f"--workdir={workdir} does not hold this config's {task.config.task.upper()} model ({len(differ)} "

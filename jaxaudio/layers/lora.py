@@ -25,6 +25,7 @@ import numpy as np
 from jaxaudio.convert.engine import flatten, unflatten
 from jaxaudio.layers.dense import Dense
 from jaxaudio.layers.partitioning import param
+from jaxaudio.layers.scan import restack, scanned_stacks, unrolled_name, unstack
 
 TRAINABLE = r".*/lora_[ab]"  # the optimizer regex that trains only the adapters
 
@@ -81,6 +82,13 @@ def _low_rank(module: Dense, x: jax.Array, config: LoraConfig, scale: Any, deter
     return delta * scale
 
 
+def _targeted(pattern: re.Pattern, path: tuple[str, ...]) -> bool:
+    """Whether the targets match the module, under its own path or, inside a scanned stack
+    (`llm/layers/attn/query`), under layer 0's unrolled one (`llm/layers_0/attn/query`)."""
+    name = "/".join(path)
+    return bool(pattern.fullmatch(name) or pattern.fullmatch(unrolled_name(name)))
+
+
 @contextlib.contextmanager
 def lora(config: LoraConfig | None, *, scale: Any = None, deterministic: bool = True) -> Iterator[None]:
     """Apply LoRA to the matching `Dense` layers of any `init`/`apply` run inside the block.
@@ -98,8 +106,7 @@ def lora(config: LoraConfig | None, *, scale: Any = None, deterministic: bool = 
     def interceptor(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
         module = context.module
-        if (context.method_name == "__call__" and isinstance(module, Dense)
-                and pattern.fullmatch("/".join(module.path))):
+        if context.method_name == "__call__" and isinstance(module, Dense) and _targeted(pattern, module.path):
             out = out + _low_rank(module, args[0], config, value, deterministic).astype(out.dtype)
         return out
 
@@ -116,13 +123,15 @@ def merge(params: Any, scale: float) -> Any:
     """Fold every adapter into its kernel (`W + scale * A B`) and drop `lora_a`/`lora_b`,
     for serving without the LoRA branch. `scale` is usually `config.scale`."""
     flat = dict(flatten(params))
-    for module in adapted_modules(params):
+    stacks = scanned_stacks(flat)
+    flat = unstack(flat)  # one kernel per layer; the stacks are rebuilt below
+    for module in adapted_modules(unflatten(flat)):
         a, b = flat.pop(f"{module}/lora_a"), flat.pop(f"{module}/lora_b")
         kernel = flat[f"{module}/kernel"]
         rank = a.shape[-1]
         delta = (jnp.reshape(a, (-1, rank)).astype(jnp.float32) @ jnp.reshape(b, (rank, -1)).astype(jnp.float32))
         flat[f"{module}/kernel"] = (kernel.astype(jnp.float32) + scale * delta.reshape(kernel.shape)).astype(kernel.dtype)
-    return unflatten(flat)
+    return unflatten(restack(flat, stacks))
 
 
 def split(params: Any) -> tuple[Any, Any]:

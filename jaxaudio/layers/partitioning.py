@@ -30,6 +30,7 @@ DEFAULT_RULES: tuple[tuple[str, object], ...] = (
     ("tokens", None),
     ("vocab", None),  # vocabularies (30522, 32001...) rarely divide by the tensor axis
     ("lora_rank", None),
+    ("layers", None),  # the layer axis of a scanned stack (jaxaudio.layers.scan)
     # activations
     ("act_batch", ("data", "fsdp")),
     ("act_length", None),

@@ -7,8 +7,12 @@
   -> norm -> lm_head (embed_tokens transposed when tied) -> logits [batch, len, vocab] float32
 
 Module paths (`layers_3/attn/query`, `layers_3/mlp/gate`, ...) are what LoRA targets
-match, so they are part of the interface. With `decode=True` every attention layer keeps
-a KV cache (collection `cache`) sized at `init`; `jaxaudio.generate` drives it.
+match, so they are part of the interface. With `scan_layers=True` the blocks run under
+`nn.scan` as one module `layers` whose parameters have a leading layer axis
+(`layers/attn/query/kernel [layers, embed, heads, head_dim]`): compiled once instead of
+once per layer (`jaxaudio.layers.scan`; either layout loads into either model). With
+`decode=True` every attention layer keeps a KV cache (collection `cache`) sized at
+`init`; `jaxaudio.generate` drives it.
 """
 import flax.linen as nn
 import jax
@@ -20,6 +24,7 @@ from jaxaudio.layers.dense import Dense, dense
 from jaxaudio.layers.norms import RMSNorm
 from jaxaudio.layers.partitioning import constrain, param
 from jaxaudio.layers.remat import remat_block
+from jaxaudio.layers.scan import scanned_block
 
 ACT = ("act_batch", "act_length", "act_embed")
 
@@ -53,11 +58,12 @@ class LlamaBlock(nn.Module):
     rope_theta: float
     decode: bool = False
     attention_impl: str | None = None
+    scanned: bool = False  # under nn.scan: return (x, None), the carry and no per-layer output
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None, positions: jax.Array | None) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None, positions: jax.Array | None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = constrain(x, ACT)
         h = RMSNorm(self.rms_norm_eps, name="input_layernorm", **kw)(x)
@@ -68,7 +74,8 @@ class LlamaBlock(nn.Module):
         x = x + h
         h = RMSNorm(self.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
         x = x + SwiGLU(self.intermediate_size, name="mlp", **kw)(h)
-        return constrain(x, ACT)
+        x = constrain(x, ACT)
+        return (x, None) if self.scanned else x
 
 
 class Llama(nn.Module):
@@ -97,6 +104,7 @@ class Llama(nn.Module):
     tie_word_embeddings: bool = False
     head_dim: int | None = None  # None: hidden_size // num_attention_heads
     remat: str | bool = "none"  # jaxaudio.layers.remat: none, full, dots, dots_no_batch (True = full)
+    scan_layers: bool = False  # one compiled block for all layers (jaxaudio.layers.scan)
     decode: bool = False
     attention_impl: str | None = None
     dtype: jnp.dtype = jnp.float32
@@ -107,12 +115,17 @@ class Llama(nn.Module):
         self.embed_tokens = nn.Embed(self.vocab_size, self.hidden_size,
                                      embedding_init=param(nn.initializers.normal(0.02), ("vocab", "embed")), **kw)
         # Decoding takes no gradient: nothing to save memory for.
-        block = remat_block(LlamaBlock, "none" if self.decode else self.remat, field="Llama.remat")
-        self.layers = [block(self.num_attention_heads, self.num_key_value_heads or self.num_attention_heads,
-                             self.head_dim or self.hidden_size // self.num_attention_heads, self.intermediate_size,
-                             self.rms_norm_eps, self.rope_theta, decode=self.decode,
-                             attention_impl=self.attention_impl, **kw)
-                       for _ in range(self.num_hidden_layers)]
+        policy = "none" if self.decode else self.remat
+        args = (self.num_attention_heads, self.num_key_value_heads or self.num_attention_heads,
+                self.head_dim or self.hidden_size // self.num_attention_heads, self.intermediate_size,
+                self.rms_norm_eps, self.rope_theta)
+        block_kw = dict(decode=self.decode, attention_impl=self.attention_impl, **kw)
+        if self.scan_layers:  # the attribute name makes it the module `layers` (scan.STACK)
+            self.layers = scanned_block(LlamaBlock, self.num_hidden_layers, policy, n_broadcast=2,
+                                        field="Llama.remat")(*args, scanned=True, **block_kw)
+        else:
+            block = remat_block(LlamaBlock, policy, field="Llama.remat")
+            self.layers = [block(*args, **block_kw) for _ in range(self.num_hidden_layers)]
         self.norm = RMSNorm(self.rms_norm_eps, **kw)
         if not self.tie_word_embeddings:
             # setup() names submodules by attribute, so `dense(..., name=)` cannot be used here.
@@ -142,8 +155,11 @@ class Llama(nn.Module):
             raise ValueError("Llama: pass exactly one of input_ids and inputs_embeds")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
         mask, positions = self._mask_and_positions(attention_mask, positions, *x.shape[:2])
-        for layer in self.layers:
-            x = layer(x, mask, positions)
+        if self.scan_layers:
+            x, _ = self.layers(x, mask, positions)
+        else:
+            for layer in self.layers:
+                x = layer(x, mask, positions)
         hidden = self.norm(x)
         logits = self.logits(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         return (logits, hidden) if return_hidden else logits

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 # another mesh), where the first start's weights came from, what evaluation reads, and what
 # the blocks recompute for the backward pass (memory against time; the same values).
 RUNTIME_KEYS = re.compile(r"train\.(steps|log_every|eval_every|checkpoint_every|keep_checkpoints|data_threads"
-                          r"|data_prefetch|eval_batch_size)|mesh\..*|init\..*|eval\..*|model\.(\w+\.)?remat")
+                          r"|data_prefetch|eval_batch_size)|mesh\..*|init\..*|eval\..*|model\.(\w+\.)?(remat|scan_layers)")
 
 
 class ConfigDrift(ValueError):
