@@ -45,7 +45,7 @@ def base_config(stage: str | None, llm: dict, name: str) -> ConfigDict:
     c.seed = 42
     c.stage = stage
     c.model = ConfigDict(dict(
-        whisper=dict(NO_REMAT, **WHISPER_LARGE_V2), beats=dict(NO_REMAT, **BEATS_ITER3_PLUS),
+        whisper=dict(NO_REMAT, scan_layers=True, **WHISPER_LARGE_V2), beats=dict(NO_REMAT, **BEATS_ITER3_PLUS),
         connector=dict(NO_REMAT, **CONNECTOR), llm=dict(NO_REMAT, scan_layers=True, **llm),
         lora=dict(DEFAULT_LORA), chunk_seconds=30.0, freeze_whisper=True, freeze_beats=True,
         dtype="bfloat16", param_dtype="float32"))

@@ -42,7 +42,7 @@ SIZES = dict(
 
 def get_config(stage: str | None = None):
     c = base_config(stage, SIZES["llm"], "salmonn_tiny")
-    c.model.llm.scan_layers = False  # two layers: the unrolled names the tests read
+    c.model.llm.scan_layers = c.model.whisper.scan_layers = False  # the unrolled names the tests read
     stage = c.stage
     c.model.update(dict(whisper=SIZES["whisper"], beats=SIZES["beats"], connector=SIZES["connector"],
                         chunk_seconds=4.0, dtype="float32"))

@@ -32,24 +32,25 @@ _SCANNED = re.compile(rf"(^|/){STACK}(?=/|$)")
 
 
 def scanned_block(cls: type[nn.Module], length: int, policy: str | bool, n_broadcast: int,
-                  field: str = "remat") -> type[nn.Module]:
+                  static_argnums: tuple[int, ...] = (), field: str = "remat") -> type[nn.Module]:
     """`nn.scan` over `length` copies of `cls` (remat'ed with `policy` first).
 
     The block's `__call__(x, *args)` must return `(x, None)` (the carry and no per-layer
-    output); the `n_broadcast` other arguments are the same for every layer. Parameters and
+    output); the `n_broadcast` other arguments are the same for every layer (Python values
+    such as `train` among them, counted in `static_argnums` as for `remat_block`). Parameters and
     the decoding cache get a leading layer axis; each layer draws its own init and dropout
     keys. Give the instance the name `STACK`.
     """
-    return _scanned(cls, length, remat_policy(policy, field), n_broadcast)
+    return _scanned(cls, length, remat_policy(policy, field), n_broadcast, tuple(static_argnums))
 
 
 @functools.lru_cache(maxsize=None)
-def _scanned(cls, length, policy, n_broadcast):
+def _scanned(cls, length, policy, n_broadcast, static_argnums):
     body = cls
     if policy != "none":
         # Inside a scan XLA cannot merge the recomputation into the forward (the loop body
         # is one computation), so CSE prevention is not needed and only costs speed.
-        body = nn.remat(cls, policy=POLICIES[policy], prevent_cse=False)
+        body = nn.remat(cls, policy=POLICIES[policy], prevent_cse=False, static_argnums=static_argnums)
     return nn.scan(body, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
                    in_axes=(nn.broadcast,) * n_broadcast, length=length,
                    metadata_params={nn.PARTITION_NAME: STACK})

@@ -40,12 +40,13 @@ class PreNormBlock(nn.Module):
     dropout: float = 0.0
     drop_path: float = 0.0
     attention_impl: str | None = None
+    scanned: bool = False  # under nn.scan (jaxaudio.layers.scan): return (x, None)
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, mask: jax.Array | None = None,
-                 bias: jax.Array | None = None) -> jax.Array:
+                 bias: jax.Array | None = None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = constrain(x, ACT)
         h = layer_norm(self.eps, name="norm1", **kw)(x)
@@ -56,4 +57,5 @@ class PreNormBlock(nn.Module):
         h = layer_norm(self.eps, name="norm2", **kw)(x)
         h = Mlp(self.mlp_dim, self.activation, self.dropout, name="mlp", **kw)(h, deterministic=not train)
         x = x + DropPath(self.drop_path)(h, deterministic=not train)
-        return constrain(x, ACT)
+        x = constrain(x, ACT)
+        return (x, None) if self.scanned else x

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxaudio.layers import PreNormBlock, layer_norm, param, remat_block
+from jaxaudio.layers.scan import STACK, scanned_block
 
 
 def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> np.ndarray:
@@ -46,6 +47,7 @@ class WhisperEncoder(nn.Module):
     eps: float = 1e-5
     dropout: float = 0.0
     remat: str | bool = "none"  # jaxaudio.layers.remat: none, full, dots, dots_no_batch (True = full)
+    scan_layers: bool = False  # one compiled block for all layers, parameters `layers/...` [layers, ...]
     attention_impl: str | None = None
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
@@ -78,9 +80,15 @@ class WhisperEncoder(nn.Module):
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
 
         # Whisper's k_proj has no bias; otherwise a plain pre-LN block.
-        layer = remat_block(PreNormBlock, self.remat, static_argnums=(2,), field="WhisperEncoder.remat")
-        for i in range(self.encoder_layers):
-            x = layer(self.encoder_attention_heads, self.encoder_ffn_dim, eps=self.eps, fused_qkv=False,
-                      key_bias=False, activation=self.activation, dropout=self.dropout,
-                      attention_impl=self.attention_impl, name=f"layers_{i}", **kw)(x, train)
+        block = dict(eps=self.eps, fused_qkv=False, key_bias=False, activation=self.activation, dropout=self.dropout,
+                     attention_impl=self.attention_impl, **kw)
+        if self.scan_layers:
+            layers = scanned_block(PreNormBlock, self.encoder_layers, self.remat, n_broadcast=1,
+                                   static_argnums=(2,), field="WhisperEncoder.remat")
+            x, _ = layers(self.encoder_attention_heads, self.encoder_ffn_dim, scanned=True, name=STACK, **block)(
+                x, train)
+        else:
+            layer = remat_block(PreNormBlock, self.remat, static_argnums=(2,), field="WhisperEncoder.remat")
+            for i in range(self.encoder_layers):
+                x = layer(self.encoder_attention_heads, self.encoder_ffn_dim, name=f"layers_{i}", **block)(x, train)
         return layer_norm(self.eps, name="layer_norm", **kw)(x)

@@ -17,6 +17,7 @@ from jaxaudio.generate import generate
 from jaxaudio.layers.lora import LoraConfig, lora, merge
 from jaxaudio.layers.scan import relayout, restack, scanned_stacks, unrolled_name, unstack
 from jaxaudio.models.llama import Llama
+from jaxaudio.models.whisper import WhisperEncoder
 
 KW = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
           num_key_value_heads=2)
@@ -105,3 +106,19 @@ def test_names_and_partial_stacks():
     # A gap (layer 1 missing) is not stacked: the caller reports what is missing.
     assert set(restack(flat, {"a/layers"})) == set(flat)
     assert set(unstack(flat)) == {"a/layers_0/w", "a/layers_2/w", "b/layers_0/w", "b/layers_1/w"}
+
+
+def test_scanned_whisper_encoder():
+    kw = dict(num_mel_bins=8, d_model=16, encoder_layers=3, encoder_attention_heads=2, encoder_ffn_dim=32,
+              max_source_positions=20, dropout=0.1)
+    plain, scanned = WhisperEncoder(**kw), WhisperEncoder(**kw, scan_layers=True, remat="full")
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 40))
+    variables = plain.init(jax.random.PRNGKey(0), x)
+    abstract = nn.unbox(jax.eval_shape(lambda: scanned.init(jax.random.PRNGKey(0), x)))
+    assert flatten(abstract)["params/layers/attn/query/kernel"].shape == (3, 16, 2, 8)
+    stacked = unflatten(relayout(flatten(nn.unbox(variables)), flatten(abstract).keys()))
+    np.testing.assert_allclose(scanned.apply(stacked, x), plain.apply(variables, x), atol=2e-6)
+    # train=True (a Python bool through the scan and the remat): dropout runs, gradients flow.
+    grads = jax.grad(lambda p: jnp.sum(scanned.apply(p, x, train=True, rngs={"dropout": jax.random.PRNGKey(2)})
+                                       ** 2))(stacked)
+    assert np.all(np.abs(flatten(grads)["params/layers/mlp/fc1/kernel"]).reshape(3, -1).max(1) > 0)
