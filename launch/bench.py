@@ -111,6 +111,7 @@ def jax_train_step(config, batch: int, all_devices: bool):
     import flax.linen as nn
     import jax
 
+    from jaxaudio.layers.dense import abstract_init
     from jaxaudio.layers.partitioning import DEFAULT_RULES
     from jaxaudio.tasks import get_task
     from jaxaudio.train.flops import compiled_flops, spatial_ast_train_flops
@@ -124,12 +125,12 @@ def jax_train_step(config, batch: int, all_devices: bool):
     if batch % mesh.devices.size:
         raise ValueError(f"--batch={batch} must be divisible by the {mesh.devices.size} devices of the mesh")
     rng = jax.random.PRNGKey(config.seed)
-    abstract = jax.eval_shape(task.init_variables, rng)
+    abstract, dense_kernels = abstract_init(task.init_variables, rng)
     resolve_total_steps(config)
     tx, _ = make_optimizer(config.optim, nn.unbox(abstract)["params"], task.layer_scale)
     # As in the trainer: the out_shardings place the state.
     state, shardings = create_sharded_state(task.init_variables, tx, rng, mesh, DEFAULT_RULES,
-                                            storage_dtypes(config.optim, nn.unbox(abstract)["params"]))
+                                            storage_dtypes(config.optim, nn.unbox(abstract)["params"], dense_kernels))
     data_sh = batch_sharding(mesh)
     step_fn = make_train_step(task, tx, config.train.accum_steps, config.train.nan_guard,
                               trainable_mask(config.optim, nn.unbox(abstract)["params"]))

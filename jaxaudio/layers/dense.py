@@ -1,11 +1,12 @@
 """Dense layers whose kernels carry logical axis names."""
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from jaxaudio.layers.partitioning import param
+from jaxaudio.layers.quant import QTensor, quantized_contract
 
 DEFAULT_KERNEL_INIT = nn.initializers.truncated_normal(0.02)
 
@@ -30,6 +31,9 @@ class Dense(nn.Module):
     Like `nn.DenseGeneral`, but the kernel is created at its full shape: DenseGeneral
     initialises a flattened 2-D kernel and reshapes it, which breaks logical-axis
     constraints under a mesh (the names describe the unflattened kernel).
+
+    The kernel may be a `quant.QTensor` (a frozen kernel stored in int8,
+    `optim.frozen_storage`): it is dequantised inside the matmul.
     """
     features: tuple[int, ...]
     axes: tuple[str, ...]
@@ -43,9 +47,14 @@ class Dense(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         n_in = self.contract
         shape = tuple(x.shape[-n_in:]) + tuple(self.features)
+        # A stored QTensor passes flax's shape check: it compares the value's first leaf,
+        # `q`, with the kernel's shape; `quantized_contract` checks the scale.
         kernel = self.param("kernel", param(self.kernel_init, self.axes), shape, self.param_dtype)
-        y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype),
-                          axes=(tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))))
+        if isinstance(kernel, QTensor):
+            y = quantized_contract(x, kernel, n_in, self.dtype)
+        else:
+            y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype),
+                              axes=(tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))))
         if self.use_bias:
             n_out = len(self.features)
             bias = self.param("bias", param(nn.initializers.zeros, self.axes[-n_out:]), tuple(self.features),
@@ -63,6 +72,26 @@ def dense(features: int | Sequence[int], axes: Sequence[str], *, name: str, use_
     feats = (features,) if isinstance(features, int) else tuple(features)
     return Dense(feats, tuple(axes), contract=contract, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
                  kernel_init=kernel_init, name=name)
+
+
+def abstract_init(init_variables: Callable[..., Any], *args) -> tuple[Any, dict[str, tuple[int, int]]]:
+    """`(jax.eval_shape(init_variables, *args), dense_kernels)`: the abstract variables and,
+    from the same trace, `{'/'-joined kernel path inside params: (n_in, n_out)}` for every
+    `Dense` the init calls (the contracted and the feature axes; a kernel in a scanned stack
+    has a leading layer axis too, which the numbers exclude)."""
+    kernels: dict[str, tuple[int, int]] = {}
+
+    def record(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name == "__call__" and isinstance(module, Dense):
+            kernels["/".join(module.path) + "/kernel"] = (module.contract, len(module.features))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        # A fresh function: eval_shape caches traces by function, and a cached one would
+        # not call the modules (nor `record`).
+        abstract = jax.eval_shape(lambda *a: init_variables(*a), *args)
+    return abstract, kernels
 
 
 class PatchEmbed(nn.Module):

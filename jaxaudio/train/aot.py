@@ -75,6 +75,14 @@ def per_device_bytes(tree) -> int:
     return total
 
 
+def _count(params) -> int:
+    """The number of parameters (an int8-stored kernel counts its own, not its scales)."""
+    import jax
+
+    from jaxaudio.layers.quant import QTensor
+    return int(sum(x.size for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QTensor))))
+
+
 def _abstract_batch(batch, sharding):
     import jax
     return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding) for k, v in batch.items()}
@@ -100,6 +108,7 @@ def compile_steps(config, devices: list, steps: list[str], batch: int | None = N
     import flax.linen as nn
     import jax
 
+    from jaxaudio.layers.dense import abstract_init
     from jaxaudio.layers.partitioning import DEFAULT_RULES
     from jaxaudio.layers.platform import for_platform
     from jaxaudio.tasks import get_task
@@ -120,16 +129,17 @@ def compile_steps(config, devices: list, steps: list[str], batch: int | None = N
     mesh = make_mesh(config.mesh.to_dict(), devices)
     task = get_task(config.task)(config)  # no data: the batches are abstract
     rng = jax.random.PRNGKey(config.seed)
-    params = nn.unbox(jax.eval_shape(task.init_variables, rng))["params"]
+    abstract, dense_kernels = abstract_init(task.init_variables, rng)
+    params = nn.unbox(abstract)["params"]
     tx, _ = make_optimizer(config.optim, params, task.layer_scale)
     state, shardings = abstract_train_state(task.init_variables, tx, rng, mesh, DEFAULT_RULES,
-                                            storage_dtypes(config.optim, params))
+                                            storage_dtypes(config.optim, params, dense_kernels))
     data_sh = batch_sharding(mesh)
     memory = chip_memory(devices[0], memory_gib)
     report = {"config": config.get("task"), "devices": len(devices), "device_kind": devices[0].device_kind,
               "mesh": dict(zip(mesh.axis_names, mesh.devices.shape)),
               "param_bytes": per_device_bytes(state.params), "opt_state_bytes": per_device_bytes(state.opt_state),
-              "params": int(sum(x.size for x in jax.tree.leaves(state.params))), "steps": {}}
+              "params": _count(state.params), "steps": {}}
     with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES), for_platform(devices[0].platform):
         if "train" in steps:
             tcfg = config.train

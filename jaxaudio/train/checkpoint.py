@@ -8,7 +8,8 @@ mesh) or, without a target, onto one local device.
 A checkpoint that cannot be restored (a truncated or garbled file, a missing item, an empty
 step folder) is never deleted: the trainer moves it to `<workdir>/checkpoints.damaged/`,
 warns once naming it, and restores the one before. A checkpoint whose shapes do not fit the
-model is not damaged: that is an error naming the differing keys.
+model is not damaged: that is an error naming the differing keys, unless it is the same
+state in the other layer layout (`jaxaudio.layers.scan`), which is converted as it loads.
 """
 import logging
 import os
@@ -21,6 +22,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+
+from jaxaudio.layers.quant import dequantize_tree
+from jaxaudio.layers.scan import counterpart, relayout
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +93,50 @@ def _restore(manager: ocp.CheckpointManager, step: int, target: Any | None) -> A
     else:
         want, have = _shapes(target), _shapes(meta)
         if want != have:
+            if _relayout_shapes(meta, want) == want:  # the other layer layout (`jaxaudio.layers.scan`)
+                return _restore_relayout(manager, step, meta, target)
             keys = sorted({k for k in set(want) | set(have) if want.get(k) != have.get(k)})
             lines = [f"{k}: checkpoint {have.get(k, 'absent')}, model {want.get(k, 'absent')}" for k in keys]
             raise CheckpointMismatch(f"checkpoint step {step} does not fit the model:\n  " + "\n  ".join(lines[:40]))
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+
+
+def _flat(tree) -> dict[str, Any]:
+    return {"/".join(_key(e) for e in path): v for path, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _relayout_shapes(meta, want: dict[str, tuple]) -> dict[str, tuple]:
+    """The checkpoint's shapes after `relayout` into the keys of `want` (nothing is read)."""
+    abstract = {k: jax.ShapeDtypeStruct(m.shape, m.dtype) for k, m in _flat(meta).items()}
+    return {k: tuple(v.shape) for k, v in jax.eval_shape(lambda t: relayout(t, want), abstract).items()}
+
+
+def _restore_relayout(manager: ocp.CheckpointManager, step: int, meta, target) -> Any:
+    """A state saved with the other layer layout (scanned `layers/` or unrolled `layers_N/`):
+    read it with each array sharded like its counterpart in `target` (a layer of a stack,
+    or a stack of layers), relayout, and place it in `target`'s shardings. The state is held
+    twice while this runs, once per run that changes layout."""
+    shardings = {k: v.sharding for k, v in _flat(target).items()}
+
+    def saved_sharding(path, m):
+        key = "/".join(_key(e) for e in path)
+        if key in shardings:
+            return jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=shardings[key])
+        other, is_layer = counterpart(key)
+        sh = shardings[other]
+        if is_layer:  # one layer of a stack the model scans: the stack's spec without its axis
+            spec = tuple(sh.spec) + (None,) * (len(m.shape) + 1 - len(sh.spec))
+            sh = jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec(*spec[1:]))
+        else:  # a stack the model unrolls: a layer's spec behind an unsharded layer axis
+            sh = jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec(None, *sh.spec))
+        return jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sh)
+
+    saved = jax.tree_util.tree_map_with_path(saved_sharding, meta)
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(saved)))["state"]
+    flat = relayout(_flat(state), shardings)
+    leaves = [jax.device_put(flat[k], sh) for k, sh in shardings.items()]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target), leaves)
 
 
 class Checkpointer:
@@ -149,8 +192,9 @@ class Checkpointer:
 
 def restore_run_variables(workdir: str) -> tuple[int, dict[str, Any]]:
     """`(step, {"params": ..., <extra collections>...})` as numpy, from the newest readable
-    checkpoint of the run in `workdir`, whatever mesh or process count saved it. A damaged
-    checkpoint is skipped with a warning (and left where it is: this only reads)."""
+    checkpoint of the run in `workdir`, whatever mesh or process count saved it, int8-stored
+    kernels dequantised to float32. A damaged checkpoint is skipped with a warning (and left
+    where it is: this only reads)."""
     directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     if not os.path.isdir(directory):
         raise ValueError(f"{workdir}: not a training run's workdir (no checkpoints folder)")
@@ -167,7 +211,8 @@ def restore_run_variables(workdir: str) -> tuple[int, dict[str, Any]]:
                 _warn_skipped(step, directory, e)
                 continue
             variables = {"params": state["params"], **state["extra"]}
-            return step, jax.tree.map(np.asarray, variables)
+            # int8-stored kernels come back as {"q", "scale"}: readers get the float kernel.
+            return step, dequantize_tree(jax.tree.map(np.asarray, variables))
         raise ValueError(f"{workdir}: none of its checkpoints {steps} can be restored")
     finally:
         manager.close()

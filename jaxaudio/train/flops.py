@@ -107,3 +107,55 @@ def spatial_ast_train_flops(model: Any, batch: int, samples: int) -> dict[str, f
     }
     parts["total"] = sum(parts.values())
     return parts
+
+
+def jaxpr_matmul_flops(fn: Any, *args: Any) -> tuple[float, bool]:
+    """`(FLOPs, exact)` of the matrix products and convolutions `fn(*args)` traces to (args
+    may be ShapeDtypeStructs), for the whole program (all devices), remat recomputation
+    included: a scan's body counts `length` times, which XLA's cost analysis does not do (it
+    counts a loop body once, so a model with scanned layers looks 1/depth as costly).
+    `exact` is False when a `while` loop (decoding) was counted as a single iteration, or a
+    `cond` as its costliest branch."""
+    import jax
+
+    closed = jax.make_jaxpr(fn)(*args)
+    flags = {"exact": True}
+    return float(_jaxpr_flops(closed.jaxpr, flags)), flags["exact"]
+
+
+def _sub_jaxprs(value: Any) -> list:
+    import jax
+    core = jax.extend.core
+    if isinstance(value, core.ClosedJaxpr):
+        return [value.jaxpr]
+    if isinstance(value, core.Jaxpr):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [j for v in value for j in _sub_jaxprs(v)]
+    return []
+
+
+def _jaxpr_flops(jaxpr: Any, flags: dict) -> float:
+    import numpy as np
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (lc, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod([lhs[d] for d in lc])
+        elif name == "conv_general_dilated":
+            rhs = eqn.invars[1].aval.shape  # the kernel: out features and in/groups x spatial
+            total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod(rhs) / rhs[
+                eqn.params["dimension_numbers"].rhs_spec[0]]
+        elif name == "cond":
+            flags["exact"] = False
+            total += max(_jaxpr_flops(j, flags) for j in _sub_jaxprs(eqn.params["branches"]))
+        else:
+            inner = sum(_jaxpr_flops(j, flags) for v in eqn.params.values() for j in _sub_jaxprs(v))
+            if name == "scan":
+                inner *= eqn.params["length"]
+            elif name == "while" and inner:
+                flags["exact"] = False
+            total += inner
+    return total

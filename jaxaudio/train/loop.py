@@ -26,7 +26,10 @@ from ml_collections import ConfigDict
 
 from jaxaudio.convert.engine import flatten, unflatten
 from jaxaudio.convert.io import load_converted
+from jaxaudio.layers.dense import abstract_init
 from jaxaudio.layers.partitioning import DEFAULT_RULES
+from jaxaudio.layers.quant import QTensor, quantize
+from jaxaudio.layers.scan import relayout
 from jaxaudio.tasks import get_task
 from jaxaudio.tasks.base import Task, eval_batches
 from jaxaudio.train.batches import train_batches
@@ -48,6 +51,17 @@ def _split_micro(x: jax.Array, accum: int) -> jax.Array:
     return x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
 
 
+def _is_float(x: Any) -> bool:
+    return jnp.issubdtype(x.dtype, jnp.inexact)
+
+
+def _with_floats(params: Any, floats: list[jax.Array]) -> Any:
+    """`params` with its inexact leaves (in flattening order) replaced by `floats`."""
+    leaves, treedef = jax.tree.flatten(params)
+    it = iter(floats)
+    return treedef.unflatten([next(it) if _is_float(x) else x for x in leaves])
+
+
 def make_train_step(task: Task, tx: optax.GradientTransformation, accum_steps: int = 1, nan_guard: bool = True,
                     trainable: Any = None):
     """`train_step(state, batch) -> (state, metrics)`, not yet jitted.
@@ -58,8 +72,13 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, accum_steps: i
     no zero update and no NaN-guard select is applied to them (XLA does not always fold
     those away, e.g. for bf16-stored ones), so nothing parameter-sized is made for them
     (`tests/train/test_frozen_program.py` checks the compiled program).
+
+    Gradients are taken with respect to the floating-point leaves only: int8-stored frozen
+    kernels (`quant.QTensor.q`) cannot be differentiated; the optimizer sees zeros for them
+    that nothing reads.
     """
-    def loss_fn(params, extra, batch, rng):
+    def loss_fn(floats, params, extra, batch, rng):
+        params = _with_floats(params, floats)
         if trainable is not None:
             params = jax.tree.map(lambda t, p: p if t else jax.lax.stop_gradient(p), trainable, params)
         return task.loss_fn(params, extra, batch, rng)
@@ -69,22 +88,24 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, accum_steps: i
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         rng = jax.random.fold_in(state.rng, state.step)
         micro = jax.tree.map(lambda x: _split_micro(x, accum_steps), batch)
+        floats = [x for x in jax.tree.leaves(state.params) if _is_float(x)]
 
         def one(carry, inputs):
             grads, extra = carry
             mb, i = inputs
-            (loss, (metrics, extra)), g = grad_fn(state.params, extra, mb, jax.random.fold_in(rng, i))
+            (loss, (metrics, extra)), g = grad_fn(floats, state.params, extra, mb, jax.random.fold_in(rng, i))
             grads = jax.tree.map(lambda a, b: a + b / accum_steps, grads, g)
             return (grads, extra), dict(metrics, loss=loss)
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        zeros = jax.tree.map(jnp.zeros_like, floats)
         (grads, extra), metrics = jax.lax.scan(one, (zeros, state.extra), (micro, jnp.arange(accum_steps)))
         metrics = jax.tree.map(jnp.mean, metrics)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        grads = _with_floats(jax.tree.map(jnp.zeros_like, state.params), grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         if trainable is not None:  # frozen: the very input buffers, so nothing below copies them
             params = jax.tree.map(lambda t, n, o: n if t else o, trainable, params, state.params)
-        metrics["grad_norm"] = optax.global_norm(grads)
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, extra=extra)
         if nan_guard:
             ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
@@ -106,6 +127,20 @@ def load_run_variables(workdir: str) -> dict[str, Any]:
     the training run in `workdir`, saved on any mesh by any number of processes; the optimizer
     state and step are not returned."""
     return restore_run_variables(workdir)[1]
+
+
+def _flatten_stored(params: Any) -> dict[str, Any]:
+    """`flatten`, with an int8-stored kernel (a `QTensor`) as one leaf at its kernel's path."""
+    leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, QTensor))[0]
+    return {"/".join(str(getattr(k, "key", k)) for k in path): v for path, v in leaves}
+
+
+def _as_stored(value: np.ndarray, current: Any) -> Any:
+    """A loaded value in the storage of the state's `current` leaf: its dtype (e.g. a
+    bf16-stored conversion into an fp32 master), or int8 quantized over the same axes."""
+    if isinstance(current, QTensor):
+        return quantize(value, current.reduce_axes)
+    return value.astype(current.dtype)
 
 
 def _global_batch(local: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
@@ -130,14 +165,14 @@ class Trainer:
             self.task.prepare_data()
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("jaxaudio:prepare_data")
-        abstract = jax.eval_shape(self.task.init_variables, jax.random.PRNGKey(0))
+        abstract, dense_kernels = abstract_init(self.task.init_variables, jax.random.PRNGKey(0))
         abstract_params = nn.unbox(abstract)["params"]
         self.tx, self.schedule = make_optimizer(config.optim, abstract_params, self.task.layer_scale)
         self.trainable = trainable_mask(config.optim, abstract_params)
         # The out_shardings place the state; init needs no activation constraints.
         self.state, self.shardings = create_sharded_state(
             self.task.init_variables, self.tx, jax.random.PRNGKey(config.seed), self.mesh, DEFAULT_RULES,
-            storage_dtypes(config.optim, abstract_params))
+            storage_dtypes(config.optim, abstract_params, dense_kernels))
         if config.init.get("checkpoint"):
             self.state = self._load_initial(config.init.checkpoint)
         else:
@@ -187,8 +222,11 @@ class Trainer:
             if part is not None and part not in tree:
                 merged[coll] = tree
                 continue
-            have = flatten(loaded.get(coll, {}))
-            out = flatten(tree)
+            out = _flatten_stored(tree)
+            # Either layer layout (scanned `layers/` or unrolled `layers_N/`) into this model's.
+            in_part = [k if part is None else k[len(part) + 1:] for k in out
+                       if part is None or k.startswith(part + "/")]
+            have = relayout(flatten(loaded.get(coll, {})), in_part)
             for k, v in list(out.items()):
                 if part is not None and (not k.startswith(part + "/") or k.rsplit("/", 1)[-1] in ("lora_a", "lora_b")):
                     continue  # outside the part, or an adapter: keeps its initialisation
@@ -200,7 +238,7 @@ class Trainer:
                 elif tuple(got.shape) != tuple(v.shape):
                     problems.append(f"{coll}/{key}: checkpoint {tuple(got.shape)}, model {tuple(v.shape)}")
                 else:
-                    out[k] = np.asarray(got).astype(v.dtype)  # e.g. a bf16-stored conversion, fp32 master
+                    out[k] = _as_stored(np.asarray(got), v)
             merged[coll] = unflatten(out)
         if problems:
             where = "the model" if part is None else f"config.model.{part}"

@@ -6,7 +6,7 @@ What trains is chosen by regex over '/'-joined parameter paths (`optim.trainable
 `optax.multi_transform`, so they get no optimizer state.
 """
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +14,7 @@ import optax
 from ml_collections import ConfigDict
 
 from jaxaudio.convert.engine import flatten, unflatten
+from jaxaudio.layers.quant import Int8, kernel_reduce_axes
 
 
 def path_labels(params: Any, fn: Callable[[str], Any]) -> Any:
@@ -113,17 +114,11 @@ def trainable_mask(cfg: ConfigDict, params: Any) -> Any:
     return mask
 
 
-STORAGE_DTYPES = ("float32", "bfloat16", "float16")
+STORAGE_DTYPES = ("float32", "bfloat16", "float16", "int8")
 
 
-def storage_dtypes(cfg: ConfigDict, params: Any) -> Any:
-    """A tree like `params`: the dtype name each parameter is stored in, "" for its own.
-
-    `optim.frozen_storage` (`{part: dtype}`, e.g. `{"llm": "bfloat16"}`, or the string
-    "llm=bfloat16,encoder=bfloat16") stores the frozen
-    parameters under `part/` in `dtype`: a frozen 7B LLM takes half the memory in bf16, while
-    what trains (LoRA, the projector) keeps fp32 master weights and fp32 Adam moments. The
-    layers compute in the model's `dtype` either way (they cast their weights)."""
+def _storage_spec(cfg: ConfigDict, parts: set[str]) -> dict[str, str]:
+    """`optim.frozen_storage` as `{part: dtype name}`, checked against the model's parts."""
     spec = cfg.get("frozen_storage") or {}
     if isinstance(spec, str):  # "llm=bfloat16,encoder=bfloat16", as a command-line flag gives it
         pairs = [p.partition("=") for p in spec.split(",") if p.strip()]
@@ -131,14 +126,43 @@ def storage_dtypes(cfg: ConfigDict, params: Any) -> Any:
             raise ValueError(f"config.optim.frozen_storage={spec!r}: write part=dtype[,part=dtype...]")
         spec = {k.strip(): v.strip() for k, _, v in pairs}
     spec = dict(spec)
-    parts = {k.split("/")[0] for k in flatten(params)}
     for part, name in spec.items():
         if part not in parts:
             raise ValueError(f"config.optim.frozen_storage: {part!r} is not a part of the model; parts: {sorted(parts)}")
         if name not in STORAGE_DTYPES:
             raise ValueError(f"config.optim.frozen_storage[{part!r}]={name!r}: choose one of {STORAGE_DTYPES}")
-    mask = flatten(trainable_mask(cfg, params))
-    return path_labels(params, lambda p: "" if mask[p] else spec.get(p.split("/")[0], ""))
+    return spec
+
+
+def storage_dtypes(cfg: ConfigDict, params: Any, dense_kernels: Mapping[str, tuple[int, int]] | None = None) -> Any:
+    """A tree like `params`: how each parameter is stored — a dtype name, "" for its own, or
+    `quant.Int8(reduce_axes)`.
+
+    `optim.frozen_storage` (`{part: dtype}`, e.g. `{"llm": "bfloat16"}`, or the string
+    "llm=bfloat16,encoder=bfloat16") stores the frozen
+    parameters under `part/` in `dtype`: a frozen 7B LLM takes half the memory in bf16, while
+    what trains (LoRA, the projector) keeps fp32 master weights and fp32 Adam moments. The
+    layers compute in the model's `dtype` either way (they cast their weights).
+
+    `int8` (a quarter of fp32): the part's frozen `Dense` kernels become int8 with one fp32
+    scale per output channel (`layers.quant`), its other frozen parameters (embeddings,
+    norms, biases, convolutions) bf16. Which leaves are Dense kernels, and their input and
+    output axes, comes from `dense_kernels` (`layers.dense.abstract_init`)."""
+    spec = _storage_spec(cfg, {k.split("/")[0] for k in flatten(params)})
+    if "int8" in spec.values() and dense_kernels is None:
+        raise ValueError("config.optim.frozen_storage: int8 needs the model's Dense kernels "
+                         "(storage_dtypes(..., dense_kernels=layers.dense.abstract_init(init, rng)[1]))")
+    mask, shapes = flatten(trainable_mask(cfg, params)), flatten(params)
+
+    def label(path: str):
+        name = "" if mask[path] else spec.get(path.split("/")[0], "")
+        if name != "int8":
+            return name
+        if path not in dense_kernels:
+            return "bfloat16"
+        n_in, n_out = dense_kernels[path]
+        return Int8(kernel_reduce_axes(len(shapes[path].shape), n_in, n_out))
+    return path_labels(params, label)
 
 
 def make_optimizer(cfg: ConfigDict, params: Any, layer_scale: Callable[[str], float] | None = None

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxaudio.layers.quant import Int8, QTensor, quantize
 from jaxaudio.train.mesh import logical_shardings
 
 
@@ -30,10 +31,31 @@ def split_variables(variables: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
 
 
 def _store(params: Any, storage: Any | None) -> Any:
-    """Cast each parameter to its storage dtype name ("" keeps it); `storage=None`: unchanged."""
+    """Each parameter in its storage (`optim.storage_dtypes`): cast to a dtype name ("" keeps
+    it) or quantized (`Int8` -> a `QTensor`); `storage=None`: unchanged."""
     if storage is None:
         return params
-    return jax.tree.map(lambda x, d: x.astype(d) if d else x, params, storage)
+
+    def one(x, how):
+        if isinstance(how, Int8):
+            return quantize(x, how.reduce_axes)
+        return x.astype(how) if how else x
+    return jax.tree.map(one, params, storage)
+
+
+def _stored_shardings(shardings: Any, storage: Any | None) -> Any:
+    """The parameters' shardings for their storage: a quantized kernel's `q` keeps the
+    kernel's, its `scale` the same without the reduced (size-1) axes' mesh axes."""
+    if storage is None:
+        return shardings
+
+    def one(sh: NamedSharding, how):
+        if not isinstance(how, Int8):
+            return sh
+        spec = tuple(sh.spec) + (None,) * (max(how.reduce_axes, default=-1) + 1 - len(sh.spec))
+        scale = PartitionSpec(*(None if i in how.reduce_axes else a for i, a in enumerate(spec)))
+        return QTensor(q=sh, scale=NamedSharding(sh.mesh, scale))
+    return jax.tree.map(one, shardings, storage)
 
 
 def abstract_train_state(init_variables, tx: optax.GradientTransformation, rng: jax.Array, mesh: Mesh,
@@ -44,11 +66,13 @@ def abstract_train_state(init_variables, tx: optax.GradientTransformation, rng: 
 
     `init_variables(rng)` returns variables whose leaves carry logical axis names; optimizer
     moments take the sharding of their parameter. `storage` (`optim.storage_dtypes`) gives
-    the dtype each parameter is kept in.
+    how each parameter is kept (a dtype, or int8 as a `QTensor` whose `q` and `scale` are
+    sharded like the kernel).
     """
     abstract = jax.eval_shape(init_variables, rng)
     var_sh = logical_shardings(abstract, mesh, rules)
     params_sh, extra_sh = split_variables(var_sh)
+    params_sh = _stored_shardings(params_sh, storage)
     abstract_params = jax.eval_shape(functools.partial(_store, storage=storage), nn.unbox(split_variables(abstract)[0]))
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     repl = NamedSharding(mesh, PartitionSpec())

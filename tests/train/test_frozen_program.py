@@ -1,6 +1,6 @@
-"""The compiled train step materialises nothing parameter-sized for frozen parameters: no
-weight gradient, no zero update, no NaN-guard copy — only the forward reads them (checked in
-XLA's optimised program, by the shapes only those parameters have)."""
+"""The compiled train step materialises nothing parameter-sized for frozen parameters (fp32,
+bf16 or int8-stored): no weight gradient, no zero update, no NaN-guard copy — only the forward
+reads them (checked in XLA's optimised program, by the shapes only those parameters have)."""
 import re
 
 import flax.linen as nn
@@ -8,6 +8,7 @@ import jax
 import pytest
 
 from jaxaudio.convert import flatten
+from jaxaudio.layers.dense import abstract_init
 from jaxaudio.layers.partitioning import DEFAULT_RULES
 from jaxaudio.tasks import get_task
 from jaxaudio.train.loop import make_train_step
@@ -28,36 +29,33 @@ def program(tmp_path_factory):
     c.optim.trainable = TRAINS
     resolve_total_steps(c)
     task = get_task(c.task)(c)
-    params = nn.unbox(jax.eval_shape(task.init_variables, jax.random.PRNGKey(0)))["params"]
+    abstract, dense_kernels = abstract_init(task.init_variables, jax.random.PRNGKey(0))
+    params = nn.unbox(abstract)["params"]
     tx, _ = make_optimizer(c.optim, params, task.layer_scale)
     mesh = make_mesh({"data": 1})
-    state, sh = abstract_train_state(task.init_variables, tx, jax.random.PRNGKey(0), mesh, DEFAULT_RULES,
-                                     storage_dtypes(c.optim, params))
     data = batch_sharding(mesh)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=data) for k, v in task.batch_spec(8).items()}
 
     def compiled(mask, storage=None):
-        st, s2 = state, sh
-        if storage:
-            with c.unlocked():
-                c.optim.frozen_storage = storage
-            st, s2 = abstract_train_state(task.init_variables, tx, jax.random.PRNGKey(0), mesh, DEFAULT_RULES,
-                                          storage_dtypes(c.optim, params))
+        with c.unlocked():
+            c.optim.frozen_storage = storage or {}
+        st, sh = abstract_train_state(task.init_variables, tx, jax.random.PRNGKey(0), mesh, DEFAULT_RULES,
+                                      storage_dtypes(c.optim, params, dense_kernels))
         fn = make_train_step(task, tx, 1, True, mask)
         with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
-            return jax.jit(fn, in_shardings=(s2, data), out_shardings=(s2, None), donate_argnums=0).lower(
+            return jax.jit(fn, in_shardings=(sh, data), out_shardings=(sh, None), donate_argnums=0).lower(
                 st, batch).compile().as_text()
     shapes = {k: v.shape for k, v in flatten(params).items() if "blocks_0" in k and k.endswith("kernel")}
     return compiled, trainable_mask(c.optim, params), shapes
 
 
 def _outside_forward(hlo: str, shape: tuple) -> list[str]:
-    """Instructions producing an f32 or bf16 array of `shape` that are not the model's forward."""
+    """Instructions producing an f32, bf16 or s8 array of `shape` that are not the model's forward."""
     dims = "[" + ",".join(map(str, shape)) + "]{"
     found = []
     for line in hlo.splitlines():
         m = re.match(r"\s*(ROOT )?%\S+ = (\S+) ", line)
-        if not m or not m.group(2).startswith(("f32" + dims, "bf16" + dims)):
+        if not m or not m.group(2).startswith(("f32" + dims, "bf16" + dims, "s8" + dims)):
             continue
         name = re.search(r'op_name="([^"]*)"', line)
         if name and "jvp(" in name.group(1) and "transpose(" not in name.group(1):
@@ -84,9 +82,21 @@ def test_frozen_parameters_in_bf16_only_feed_the_forward(program):
         assert _outside_forward(hlo, shape) == [], name
 
 
-def test_the_check_sees_weight_gradients_when_nothing_stops_them(program):
+def test_frozen_parameters_in_int8_only_feed_the_forward(program):
+    """int8 kernels: the forward dequantises them (a convert in the forward); nothing else
+    kernel-shaped, not even an int8 zero update or NaN-guard select."""
+    compiled, mask, shapes = program
+    hlo = compiled(mask, {"blocks_0": "int8"})
+    assert "s8[48,3,2,24]" in hlo and "s8[2,24,48]" in hlo  # the qkv and out kernels, stored in int8
+    for name, shape in shapes.items():
+        assert _outside_forward(hlo, shape) == [], name
+
+
+@pytest.mark.parametrize("storage", [None, {"blocks_0": "int8"}])
+def test_the_check_sees_weight_gradients_when_nothing_stops_them(program, storage):
     """Without the trainable mask in the step (the optimizer alone zeroes frozen updates) XLA
-    computes the frozen weights' gradients: the same check finds them."""
+    computes the frozen weights' gradients (int8: the backward through the blocks, which
+    dequantises their kernels again): the same check finds them."""
     compiled, _, shapes = program
-    hlo = compiled(None)
+    hlo = compiled(None, storage)
     assert any(_outside_forward(hlo, shape) for shape in shapes.values())

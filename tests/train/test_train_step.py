@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
+from jaxaudio.layers.quant import QTensor, quantize, quantized_contract
 from jaxaudio.train.loop import make_train_step
 from jaxaudio.train.optim import make_optimizer, trainable_mask
 from jaxaudio.train.state import TrainState
@@ -72,6 +73,32 @@ def test_frozen_parameters_stay_put_without_optimizer_state():
     # The mask changes nothing about the trainable parameters' update.
     ref, _ = jax.jit(make_train_step(TASK, tx))(state, batch)
     jax.tree.map(np.testing.assert_array_equal, new.params, ref.params)
+
+
+def _quantized_loss(params, extra, batch, rng):
+    pred = quantized_contract(batch["x"], params["w"], 1, jnp.float32) + params["b"]
+    loss = jnp.mean((pred - batch["y"]) ** 2)
+    return loss, ({"mse": loss}, extra)
+
+
+def test_int8_frozen_kernel_with_accumulation():
+    """An int8-stored frozen kernel (a `QTensor`) is not differentiated and passes through;
+    accumulating over micro-batches still equals one big batch."""
+    cfg, _, state, batch = _setup(frozen="w")
+    floats = {"w": state.params["w"], "b": state.params["b"]}
+    tx, _ = make_optimizer(cfg, floats)  # as the trainer: labels from the float parameters
+    mask = trainable_mask(cfg, floats)
+    params = dict(floats, w=quantize(floats["w"], (0,)))
+    state = state.replace(params=params, opt_state=tx.init(params))
+    task = types.SimpleNamespace(loss_fn=_quantized_loss)
+    one, m1 = jax.jit(make_train_step(task, tx, accum_steps=1, trainable=mask))(state, batch)
+    two, m2 = jax.jit(make_train_step(task, tx, accum_steps=2, trainable=mask))(state, batch)
+    np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
+    np.testing.assert_allclose(one.params["b"], two.params["b"], rtol=1e-5, atol=1e-7)
+    assert not np.allclose(one.params["b"], params["b"])
+    for new in (one, two):
+        assert isinstance(new.params["w"], QTensor) and new.params["w"].q.dtype == jnp.int8
+        np.testing.assert_array_equal(new.params["w"].q, params["w"].q)
 
 
 def test_mask_must_match_something():
