@@ -4,6 +4,7 @@ whether it fits, compile time, FLOPs. `launch/aot.py` is the command line.
 """
 import os
 import time
+from typing import Any
 
 GIB = 1024 ** 3
 # Memory per chip (HBM) by `device_kind`, for devices that do not report their own.
@@ -88,6 +89,27 @@ def _abstract_batch(batch, sharding):
     return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding) for k, v in batch.items()}
 
 
+def _compile(jitted, *args) -> tuple[Any, float]:
+    """`(compiled, seconds)`; a program over the chip's memory is a `DoesNotFit`, not a crash."""
+    t0 = time.perf_counter()
+    lowered = jitted.lower(*args)
+    try:
+        return lowered.compile(), time.perf_counter() - t0
+    except Exception as e:  # noqa: BLE001 — XlaRuntimeError / JaxRuntimeError by version
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        raise DoesNotFit(" ".join(str(e).split("RESOURCE_EXHAUSTED:", 1)[-1].split())[:400],
+                         time.perf_counter() - t0) from None
+
+
+class DoesNotFit(Exception):
+    """XLA refused to compile: the program needs more memory than the chip has."""
+
+    def __init__(self, message: str, seconds: float):
+        super().__init__(message)
+        self.seconds = seconds
+
+
 def compile_report(compiled, seconds: float, memory: int | None, extra: dict) -> dict:
     m = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -112,6 +134,7 @@ def compile_steps(config, devices: list, steps: list[str], batch: int | None = N
     from jaxaudio.layers.partitioning import DEFAULT_RULES
     from jaxaudio.layers.platform import for_platform
     from jaxaudio.tasks import get_task
+    from jaxaudio.train.flops import jaxpr_matmul_flops
     from jaxaudio.train.loop import make_train_step
     from jaxaudio.train.mesh import batch_sharding, make_mesh
     from jaxaudio.train.optim import make_optimizer, resolve_total_steps, storage_dtypes, trainable_mask
@@ -141,22 +164,28 @@ def compile_steps(config, devices: list, steps: list[str], batch: int | None = N
               "param_bytes": per_device_bytes(state.params), "opt_state_bytes": per_device_bytes(state.opt_state),
               "params": _count(state.params), "steps": {}}
     with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES), for_platform(devices[0].platform):
+        compiled_steps = {}
         if "train" in steps:
             tcfg = config.train
             fn = make_train_step(task, tx, tcfg.accum_steps, tcfg.nan_guard, trainable_mask(config.optim, params))
             b = _abstract_batch(task.batch_spec(tcfg.batch_size, train=True), data_sh)
-            t0 = time.perf_counter()
-            compiled = jax.jit(fn, in_shardings=(shardings, data_sh), out_shardings=(shardings, None),
-                               donate_argnums=0).lower(state, b).compile()
-            report["steps"]["train"] = compile_report(compiled, time.perf_counter() - t0, memory,
-                                                      {"batch": tcfg.batch_size})
+            jitted = jax.jit(fn, in_shardings=(shardings, data_sh), out_shardings=(shardings, None), donate_argnums=0)
+            compiled_steps["train"] = (jitted, fn, (state, b), tcfg.batch_size)
         if "eval" in steps:
             size = config.train.eval_batch_size
             b = _abstract_batch(task.batch_spec(size, train=False), data_sh)
-            t0 = time.perf_counter()
-            compiled = jax.jit(task.eval_step, in_shardings=(shardings.params, shardings.extra, data_sh)).lower(
-                state.params, state.extra, b).compile()
-            report["steps"]["eval"] = compile_report(compiled, time.perf_counter() - t0, memory, {"batch": size})
+            jitted = jax.jit(task.eval_step, in_shardings=(shardings.params, shardings.extra, data_sh))
+            compiled_steps["eval"] = (jitted, task.eval_step, (state.params, state.extra, b), size)
+        for name, (jitted, fn, args, size) in compiled_steps.items():
+            matmul, exact = jaxpr_matmul_flops(fn, *args)
+            extra = {"batch": size, "matmul_flops": matmul / len(devices), "matmul_flops_exact": exact}
+            try:
+                compiled, seconds = _compile(jitted, *args)
+            except DoesNotFit as e:
+                report["steps"][name] = dict(extra, fits=False, error=str(e), compile_s=e.seconds,
+                                             chip_bytes=memory)
+                continue
+            report["steps"][name] = compile_report(compiled, seconds, memory, extra)
     return report
 
 
@@ -169,10 +198,16 @@ def format_report(r: dict) -> str:
              f"parameters", f"  per device: parameters {gib(r['param_bytes'])}, optimizer state "
              f"{gib(r['opt_state_bytes'])}"]
     for name, s in r["steps"].items():
+        if s.get("error"):
+            lines.append(f"  {name} (batch {s['batch']}): DOES NOT FIT — XLA: {s['error']} "
+                         f"(chip {gib(s['chip_bytes'])}; {s['compile_s']:.1f} s)")
+            continue
         verdict = "?" if s["fits"] is None else ("fits" if s["fits"] else "DOES NOT FIT")
         room = "" if s["headroom"] is None else f", headroom {100 * s['headroom']:.0f}%"
+        approx = "" if s["matmul_flops_exact"] else " (a decoding loop counted once)"
         lines.append(f"  {name} (batch {s['batch']}): peak {gib(s['peak_bytes'])} of {gib(s['chip_bytes'])} "
                      f"-> {verdict}{room}; arguments {gib(s['argument_bytes'])}, temporaries {gib(s['temp_bytes'])}, "
                      f"outputs {gib(s['output_bytes'])} ({gib(s['alias_bytes'])} aliased); compile "
-                     f"{s['compile_s']:.1f} s; {s['flops']:.3e} FLOPs/step/device")
+                     f"{s['compile_s']:.1f} s; matmul FLOPs/step/device {s['matmul_flops']:.3e}{approx} "
+                     f"(XLA's count, loop bodies once: {s['flops']:.3e})")
     return "\n".join(lines)
