@@ -89,17 +89,20 @@ def _abstract_batch(batch, sharding):
     return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding) for k, v in batch.items()}
 
 
-def _compile(jitted, *args) -> tuple[Any, float]:
-    """`(compiled, seconds)`; a program over the chip's memory is a `DoesNotFit`, not a crash."""
+def _compile(jitted, *args) -> tuple[Any, tuple[float, float]]:
+    """`(compiled, (seconds in all, of which tracing and lowering))`; a program over the
+    chip's memory is a `DoesNotFit`, not a crash."""
     t0 = time.perf_counter()
     lowered = jitted.lower(*args)
+    t1 = time.perf_counter()
     try:
-        return lowered.compile(), time.perf_counter() - t0
+        compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001 — XlaRuntimeError / JaxRuntimeError by version
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         raise DoesNotFit(" ".join(str(e).split("RESOURCE_EXHAUSTED:", 1)[-1].split())[:400],
                          time.perf_counter() - t0) from None
+    return compiled, (time.perf_counter() - t0, t1 - t0)
 
 
 class DoesNotFit(Exception):
@@ -185,7 +188,7 @@ def compile_steps(config, devices: list, steps: list[str], batch: int | None = N
                 report["steps"][name] = dict(extra, fits=False, error=str(e), compile_s=e.seconds,
                                              chip_bytes=memory)
                 continue
-            report["steps"][name] = compile_report(compiled, seconds, memory, extra)
+            report["steps"][name] = compile_report(compiled, seconds[0], memory, dict(extra, lower_s=seconds[1]))
     return report
 
 
@@ -208,6 +211,6 @@ def format_report(r: dict) -> str:
         lines.append(f"  {name} (batch {s['batch']}): peak {gib(s['peak_bytes'])} of {gib(s['chip_bytes'])} "
                      f"-> {verdict}{room}; arguments {gib(s['argument_bytes'])}, temporaries {gib(s['temp_bytes'])}, "
                      f"outputs {gib(s['output_bytes'])} ({gib(s['alias_bytes'])} aliased); compile "
-                     f"{s['compile_s']:.1f} s; matmul FLOPs/step/device {s['matmul_flops']:.3e}{approx} "
+                     f"{s['compile_s']:.1f} s ({s['lower_s']:.1f} s tracing and lowering); matmul FLOPs/step/device {s['matmul_flops']:.3e}{approx} "
                      f"(XLA's count, loop bodies once: {s['flops']:.3e})")
     return "\n".join(lines)
