@@ -56,9 +56,10 @@ def user_errors() -> tuple[type, ...]:
     launcher prints the message alone, without a traceback, and exits 2."""
     from jaxaudio.data.manifest import ManifestError
     from jaxaudio.data.validate import DataError
+    from jaxaudio.train.checkpoint import CheckpointMismatch
     from jaxaudio.train.run_config import ConfigDrift
     from jaxaudio.train.settings import SettingsError
-    return ConfigDrift, DataError, ManifestError, SettingsError
+    return CheckpointMismatch, ConfigDrift, DataError, ManifestError, SettingsError
 
 
 REQUIRED_SECTIONS = ("task", "model", "data", "train", "optim", "mesh")

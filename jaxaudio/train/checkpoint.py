@@ -97,7 +97,12 @@ def _restore(manager: ocp.CheckpointManager, step: int, target: Any | None) -> A
                 return _restore_relayout(manager, step, meta, target)
             keys = sorted({k for k in set(want) | set(have) if want.get(k) != have.get(k)})
             lines = [f"{k}: checkpoint {have.get(k, 'absent')}, model {want.get(k, 'absent')}" for k in keys]
-            raise CheckpointMismatch(f"checkpoint step {step} does not fit the model:\n  " + "\n  ".join(lines[:40]))
+            hint = ""
+            if any(k.endswith(("/q", "/scale")) for k in keys):
+                hint = ("\n(int8 kernels on one side only: pass the run's --config.optim.frozen_storage, "
+                        "recorded in its config.json)")
+            raise CheckpointMismatch(f"checkpoint step {step} does not fit the model:\n  " + "\n  ".join(lines[:40])
+                                     + hint)
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
 
@@ -163,7 +168,7 @@ class Checkpointer:
             try:
                 return step, _restore(self.manager, step, target)
             except CheckpointMismatch as e:
-                raise ValueError(f"{self.directory}: {e}") from None
+                raise CheckpointMismatch(f"{self.directory}: {e}") from None
             except Exception as e:  # noqa: BLE001 — orbax/tensorstore raise many types for a bad file
                 _quiet_failed_reads()
                 if move_damaged:

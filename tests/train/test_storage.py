@@ -8,7 +8,7 @@ import pytest
 
 from jaxaudio.convert import flatten
 from jaxaudio.layers.quant import QTensor, quantize
-from jaxaudio.train.checkpoint import restore_run_variables
+from jaxaudio.train.checkpoint import CheckpointMismatch, restore_run_variables
 from jaxaudio.train.loop import Trainer
 from train.fixtures import make_clips, tiny_config
 
@@ -113,6 +113,10 @@ def test_frozen_part_in_int8_trains_resumes_and_reads_back(data_root, tmp_path, 
     np.testing.assert_array_equal(qkv.scale, before["attn/qkv"].scale)
     metrics = resumed.evaluate()  # what launch/evaluate.py does with the restored int8 state
     assert metrics and all(np.isfinite(v) for v in metrics.values())
+    # Evaluated without the run's storage setting: one error that names the setting.
+    with pytest.raises(CheckpointMismatch, match=r"(?s)kernel/q: checkpoint .* pass the run's "
+                                                 r"--config.optim.frozen_storage"):
+        Trainer(_config(data_root, 4, ""), str(tmp_path / "run")).restore_or_init(move_damaged=False)
 
 
 def test_int8_state_starts_from_a_float_run(data_root, tmp_path, fp32_run):
