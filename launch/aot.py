@@ -17,7 +17,6 @@ and optimizer-state bytes (from the shardings), XLA's argument, output and tempo
 the peak (arguments + outputs not aliased to them + temporaries + code) against the chip's
 memory, whether it fits, compile seconds and XLA's FLOPs per step (per device).
 """
-import json
 import os
 import sys
 
@@ -28,7 +27,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from launch.common import check_config, parse_flags, setup_jax, user_errors  # noqa: E402
+from launch.common import check_config, emit_report, parse_flags, setup_jax, user_errors  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "A TPU slice by name (v5e:2x2, v5p:2x2x1, v6e:2x2, ...), "
@@ -59,10 +58,7 @@ def main(argv):
         sys.stderr.write(f"{e}\n")
         sys.exit(2)
     report["topology"] = _TOPOLOGY.value or "local"
-    print(format_report(report))
-    if _JSON.value:
-        with open(_JSON.value, "w") as f:
-            json.dump(report, f, indent=1)
+    emit_report(format_report(report), report, _JSON.value)
 
 
 if __name__ == "__main__":

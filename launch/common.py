@@ -94,3 +94,12 @@ def parse_flags(argv: list[str]) -> list[str]:
             text = f"unknown config key {key!r}" + (f" ({hint})" if hint else "")
         sys.stderr.write(f"{argv[0]}: bad flag{where}: {text}\n")
         sys.exit(2)
+
+
+def emit_report(text: str, report: dict, json_path: str | None) -> None:
+    """Print a launcher's report; also write it as JSON to `json_path` when one is given."""
+    import json
+    print(text)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(report, f, indent=1)

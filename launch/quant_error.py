@@ -14,12 +14,11 @@ the parameters that went to int8. `--others=bfloat16` also rounds the other para
 (embeddings, norms, biases) to bf16, as `frozen_storage=int8` stores them. Other models are
 refused. The logic is `jaxaudio.eval.quant_error`.
 """
-import json
 import sys
 
 from absl import app, flags
 
-from launch.common import parse_flags, setup_jax
+from launch.common import emit_report, parse_flags, setup_jax
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A converted LLaMA or BERT checkpoint (launch.convert).")
 _LENGTH = flags.DEFINE_integer("length", 32, "Tokens per sequence.")
@@ -44,10 +43,7 @@ def main(argv):
     except (QuantErrorInputError, ConversionError) as e:
         sys.stderr.write(f"{e}\n")
         sys.exit(2)
-    print(format_report(report))
-    if _JSON.value:
-        with open(_JSON.value, "w") as f:
-            json.dump(report, f, indent=1)
+    emit_report(format_report(report), report, _JSON.value)
 
 
 if __name__ == "__main__":
