@@ -22,6 +22,9 @@ Memory: each part's `remat` ("none", "full", "dots", "dots_no_batch"; WORKSPACE.
 rematerialises its blocks in the backward pass, e.g. `--config.model.llm.remat=full` for 16 GiB
 chips: gradients reach the projector through every LLM layer, whose activations dominate. The
 frozen encoder (behind a stop-gradient) keeps no activations, so its `remat` changes nothing.
+The LLM runs under `nn.scan` (`scan_layers`: one compiled block; checkpoints of
+either layout load). What fits where, with `optim.frozen_storage` (bf16 or int8): README,
+"Will it fit?"; check a setting with `python -m launch.aot`.
 
 Official data (`data.generate=False`): `train_json` / `eval_json` (comma-separated files:
 `eval-stage1-classification.json,eval-stage1-doa.json`, ...), the `train_` / `eval_

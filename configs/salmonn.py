@@ -20,6 +20,9 @@ rematerialises its blocks in the backward pass, e.g. `--config.model.llm.remat=f
 chips: gradients reach the connector through every LLM layer. Frozen encoders (behind a
 stop-gradient) keep no activations, so their `remat` matters only with `freeze_whisper` /
 `freeze_beats` off.
+The LLM and Whisper run under `nn.scan` (`scan_layers`: one compiled block; checkpoints of
+either layout load). What fits where, with `optim.frozen_storage` (bf16 or int8): README,
+"Will it fit?"; check a setting with `python -m launch.aot`.
 """
 from ml_collections import ConfigDict
 
