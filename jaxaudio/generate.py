@@ -217,9 +217,9 @@ def _beam(dec, params, cache, cache_axes, logits, full_mask, first_position, n, 
         flat_source = (jnp.arange(batch)[:, None] * k + source).reshape(-1)
         cache = jax.tree.map(lambda c, axis: c if axis is None else jnp.take(c, flat_source, axis=axis),
                              s["cache"], cache_axes)
-        logits, cache = jax.lax.cond(
-            go_on, lambda: _step(dec, params, cache, running_seqs[:, :, t].reshape(-1), full_mask, first_position, t),
-            lambda: (s["logits"], cache))
+        # Unconditionally (the last iteration's forward is not read): a `cond` around the step
+        # kept extra copies of the whole KV cache alive on TPU.
+        logits, cache = _step(dec, params, cache, running_seqs[:, :, t].reshape(-1), full_mask, first_position, t)
         return dict(t=t + 1, go_on=go_on, logits=logits, cache=cache, running_seqs=running_seqs,
                     running_scores=running_scores, seqs=seqs, scores=scores, finished=finished, lengths=lengths,
                     improvable=improvable)
