@@ -24,8 +24,8 @@ def distributed_args() -> dict:
         return {}
     missing = [k for k, v in given.items() if v is None]
     if missing:
-        raise app.UsageError(f"--distributed: give all of --coordinator_address, --num_processes, --process_id "
-                             f"(or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); missing: "
+        raise app.UsageError("--distributed: give all of --coordinator_address, --num_processes, --process_id "
+                             "(or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); missing: "
                              + ", ".join(f"--{k}" for k in missing))
     try:
         n, i = int(given["num_processes"]), int(given["process_id"])

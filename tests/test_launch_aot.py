@@ -1,7 +1,6 @@
 """launch/aot.py: a config's steps compiled for a TPU slice on this CPU machine (libtpu,
 deviceless), per-device memory from the shardings and from XLA, and the launcher's report."""
 import json
-import os
 
 import jax
 import pytest

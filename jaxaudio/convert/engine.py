@@ -79,10 +79,10 @@ class KeyMap:
     merge: Sequence[Merge] = ()
 
 
-def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
-    """Nested dict -> {'a/b/c': leaf}."""
+def flatten(tree: Mapping[str, Any], is_leaf: Callable[[Any], bool] | None = None) -> dict[str, Any]:
+    """Nested dict -> {'a/b/c': leaf}; `is_leaf` keeps some subtrees whole (e.g. a quantized kernel)."""
     out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]:
         out["/".join(str(getattr(k, "key", k)) for k in path)] = leaf
     return out
 

@@ -12,14 +12,13 @@ The model's sizes come from the source's `config.json`; one module per model fam
 `load_pretrained` rebuilds the module from them.
 """
 import importlib
-import json
 import os
 from typing import Any
 
 import numpy as np
 
 from jaxaudio.convert.engine import ConversionError, convert
-from jaxaudio.convert.io import load_converted, load_state_dict
+from jaxaudio.convert.io import load_converted, load_state_dict, read_config_json
 
 # Our name -> the module holding its conversion; one line per Hugging Face family.
 HF_MODELS = {
@@ -49,15 +48,8 @@ def hf_module(name: str):
 def read_hf_config(source: str) -> dict[str, Any]:
     """`config.json` of a checkpoint directory (or of the directory holding a weights file)."""
     directory = source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))
-    path = os.path.join(directory, "config.json")
-    if not os.path.exists(path):
-        raise ConversionError(f"{source}: no config.json beside the weights; a Hugging Face checkpoint directory "
-                              "(save_pretrained) has one, and the model's sizes come from it")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{path}: not valid JSON ({e})") from None
+    return read_config_json(directory, f"{source}: no config.json beside the weights; a Hugging Face checkpoint "
+                                       "directory (save_pretrained) has one, and the model's sizes come from it")
 
 
 def detect_model(hf_config: dict[str, Any], source: str) -> str:
@@ -125,10 +117,15 @@ def load_pretrained(out_dir: str) -> tuple[Any, dict[str, Any]]:
     """`(module, variables)` from a checkpoint written by `launch/convert.py` for a
     Hugging Face model, a self-describing original checkpoint (BEATs) or a system (BAT)."""
     variables, config = load_converted(out_dir)
+    return converted_module(config, out_dir), variables
+
+
+def converted_module(config: dict[str, Any], out_dir: str) -> Any:
+    """The module a converted checkpoint's `config.json` (`read_converted_config`) describes."""
     if "model" not in config or "kwargs" not in config:
         raise ConversionError(f"{out_dir}: config.json is not a converted Hugging Face model "
                               "(it needs 'model' and 'kwargs')")
     name = config["model"]
     mod = importlib.import_module(BUILDERS[name]) if name in BUILDERS else hf_module(name)
     module, _ = mod.build(config["kwargs"])
-    return module, variables
+    return module

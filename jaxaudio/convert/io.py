@@ -151,15 +151,29 @@ def save_converted(out_dir: str, variables: Mapping[str, Any], config: Mapping[s
         json.dump(dict(config), f, indent=2, sort_keys=True)
 
 
+def read_config_json(directory: str, missing: str) -> dict[str, Any]:
+    """`directory/config.json`; `missing` is the error's text when there is none."""
+    path = os.path.join(directory, "config.json")
+    if not os.path.exists(path):
+        raise ConversionError(missing)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_converted_config(out_dir: str) -> dict[str, Any]:
+    """The `config.json` that `save_converted` wrote in `out_dir` (without reading the variables)."""
+    return read_config_json(os.path.abspath(out_dir), f"{out_dir}: not a converted checkpoint (no config.json; "
+                                                      "python -m launch.convert writes one)")
+
+
 def load_converted(out_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """Read back `(variables, config)` written by `save_converted`."""
     import orbax.checkpoint as ocp
     out_dir = os.path.abspath(out_dir)
-    cfg_path = os.path.join(out_dir, "config.json")
-    if not os.path.exists(cfg_path):
-        raise ConversionError(f"{out_dir}: not a converted checkpoint (no config.json)")
-    with open(cfg_path) as f:
-        config = json.load(f)
+    config = read_converted_config(out_dir)
     with ocp.StandardCheckpointer() as ckptr:
         variables = ckptr.restore(os.path.join(out_dir, "variables"))
     return variables, config

@@ -23,8 +23,6 @@ with the float32 weights and with the int8 ones, and the outputs are compared:
 """
 from __future__ import annotations
 
-import importlib
-import json
 import os
 from typing import Any, Callable
 
@@ -32,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxaudio.convert.engine import flatten, unflatten
 from jaxaudio.layers import quant
 from jaxaudio.layers.dense import abstract_init
 
@@ -42,16 +41,6 @@ OTHERS = ("float32", "bfloat16")
 
 class QuantErrorInputError(ValueError):
     """A checkpoint or setting this measurement cannot take; the message says which."""
-
-
-def _flatten(tree: Any) -> dict[str, Any]:
-    from jaxaudio.convert.engine import flatten
-    return flatten(tree)
-
-
-def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-    from jaxaudio.convert.engine import unflatten
-    return unflatten(flat)
 
 
 def dense_kernels(module: Any) -> dict[str, tuple[int, int]]:
@@ -68,7 +57,7 @@ def int8_params(params: dict[str, Any], kernels: dict[str, tuple[int, int]], oth
     int8 parameters, kernels, bytes before and after, the kernels' relative error."""
     if others not in OTHERS:
         raise QuantErrorInputError(f"others={others!r}: choose one of {OTHERS}")
-    flat = _flatten(params)
+    flat = flatten(params)
     missing = sorted(set(kernels) - set(flat))
     if missing:
         raise QuantErrorInputError(f"Dense kernels not in the checkpoint's params: {missing[:5]}")
@@ -97,7 +86,7 @@ def int8_params(params: dict[str, Any], kernels: dict[str, tuple[int, int]], oth
     counts = {"parameters": n, "int8_parameters": n_int8, "int8_fraction": n_int8 / max(n, 1),
               "kernels": len(kernels), "fp32_bytes": 4 * n, "stored_bytes": n_bytes,
               "weight_rel_rms": float(np.sqrt(err2 / ref2)) if ref2 > 0 else 0.0}
-    return _unflatten(out), counts
+    return unflatten(out), counts
 
 
 def token_ids(vocab_size: int, batch: int, length: int, seed: int) -> np.ndarray:
@@ -169,27 +158,15 @@ def measure(module: Any, variables: dict[str, Any], *, length: int = 32, seed: i
 def load_module(checkpoint: str) -> tuple[Any, dict[str, Any]]:
     """The module of a converted checkpoint and its config.json, before its variables are
     read (an unsupported model is refused without loading them)."""
-    from jaxaudio.convert.hf import BUILDERS, hf_module
+    from jaxaudio.convert.hf import converted_module
+    from jaxaudio.convert.io import read_converted_config
     if not os.path.isdir(checkpoint):
         raise QuantErrorInputError(f"--checkpoint={checkpoint}: no such directory")
-    path = os.path.join(checkpoint, "config.json")
-    if not os.path.exists(path):
-        raise QuantErrorInputError(f"--checkpoint={checkpoint}: not a converted checkpoint (no config.json; "
-                                   "python -m launch.convert writes one)")
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except json.JSONDecodeError as e:
-        raise QuantErrorInputError(f"{path}: not valid JSON ({e})") from None
-    if "model" not in config or "kwargs" not in config:
-        raise QuantErrorInputError(f"--checkpoint={checkpoint}: config.json is not a converted Hugging Face model "
-                                   "(no 'model' and 'kwargs'); quant_error takes converted LLaMA and BERT checkpoints")
-    name = config["model"]
-    mod = importlib.import_module(BUILDERS[name]) if name in BUILDERS else hf_module(name)
-    module, _ = mod.build(config["kwargs"])
+    config = read_converted_config(checkpoint)
+    module = converted_module(config, checkpoint)
     if type(module).__name__ not in SUPPORTED:
-        raise QuantErrorInputError(f"--checkpoint={checkpoint} holds a {type(module).__name__} (model {name!r}); "
-                                   f"quant_error takes {' or '.join(SUPPORTED)}")
+        raise QuantErrorInputError(f"--checkpoint={checkpoint} holds a {type(module).__name__} (model "
+                                   f"{config['model']!r}); quant_error takes {' or '.join(SUPPORTED)}")
     return module, config
 
 

@@ -5,7 +5,7 @@ An unrolled stack names its blocks `layers_0 ... layers_{n-1}`, each with its ow
 parameters; XLA compiles every block separately, so a 7B LLM's 32 layers cost 32 times
 one layer's compile. A scanned stack is one module `layers` whose parameters carry a
 leading axis `[n, ...]` (logical name `layers`, never sharded) and whose block is
-compiled once (`jax.lax.scan`). Values are the same: `stack` / `unstack` convert one
+compiled once (`jax.lax.scan`). Values are the same: `restack` / `unstack` convert one
 layout into the other, and every loader (converted checkpoints, training runs, restored
 train states, PEFT adapters) goes through `relayout`, so checkpoints written in either
 layout load into a model in either layout.
@@ -17,10 +17,9 @@ keep working.
 """
 import functools
 import re
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 

@@ -89,12 +89,9 @@ def _abstract_batch(batch, sharding):
     return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding) for k, v in batch.items()}
 
 
-def _compile(jitted, *args) -> tuple[Any, tuple[float, float]]:
-    """`(compiled, (seconds in all, of which tracing and lowering))`; a program over the
-    chip's memory is a `DoesNotFit`, not a crash."""
+def _compile(lowered) -> tuple[Any, float]:
+    """`(compiled, seconds)`; a program over the chip's memory is a `DoesNotFit`, not a crash."""
     t0 = time.perf_counter()
-    lowered = jitted.lower(*args)
-    t1 = time.perf_counter()
     try:
         compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001 — XlaRuntimeError / JaxRuntimeError by version
@@ -102,7 +99,7 @@ def _compile(jitted, *args) -> tuple[Any, tuple[float, float]]:
             raise
         raise DoesNotFit(" ".join(str(e).split("RESOURCE_EXHAUSTED:", 1)[-1].split())[:400],
                          time.perf_counter() - t0) from None
-    return compiled, (time.perf_counter() - t0, t1 - t0)
+    return compiled, time.perf_counter() - t0
 
 
 class DoesNotFit(Exception):
@@ -114,16 +111,15 @@ class DoesNotFit(Exception):
 
 
 def compile_report(compiled, seconds: float, memory: int | None, extra: dict) -> dict:
+    from jaxaudio.train.flops import compiled_flops
     m = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else (cost or {})
     peak = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
             + m.generated_code_size_in_bytes)
     out = dict(extra, argument_bytes=m.argument_size_in_bytes, output_bytes=m.output_size_in_bytes,
                alias_bytes=m.alias_size_in_bytes, temp_bytes=m.temp_size_in_bytes, peak_bytes=peak,
                chip_bytes=memory, fits=None if memory is None else bool(peak <= memory),
                headroom=None if memory is None else 1.0 - peak / memory, compile_s=seconds,
-               flops=float(cost.get("flops", 0.0)))
+               flops=compiled_flops(compiled) or 0.0)
     return out
 
 
@@ -137,7 +133,7 @@ def compile_steps(config, devices: list, steps: list[str], batch: int | None = N
     from jaxaudio.layers.partitioning import DEFAULT_RULES
     from jaxaudio.layers.platform import for_platform
     from jaxaudio.tasks import get_task
-    from jaxaudio.train.flops import jaxpr_matmul_flops
+    from jaxaudio.train.flops import matmul_flops
     from jaxaudio.train.loop import make_train_step
     from jaxaudio.train.mesh import batch_sharding, make_mesh
     from jaxaudio.train.optim import make_optimizer, resolve_total_steps, storage_dtypes, trainable_mask
@@ -173,22 +169,27 @@ def compile_steps(config, devices: list, steps: list[str], batch: int | None = N
             fn = make_train_step(task, tx, tcfg.accum_steps, tcfg.nan_guard, trainable_mask(config.optim, params))
             b = _abstract_batch(task.batch_spec(tcfg.batch_size, train=True), data_sh)
             jitted = jax.jit(fn, in_shardings=(shardings, data_sh), out_shardings=(shardings, None), donate_argnums=0)
-            compiled_steps["train"] = (jitted, fn, (state, b), tcfg.batch_size)
+            compiled_steps["train"] = (jitted, (state, b), tcfg.batch_size)
         if "eval" in steps:
             size = config.train.eval_batch_size
             b = _abstract_batch(task.batch_spec(size, train=False), data_sh)
             jitted = jax.jit(task.eval_step, in_shardings=(shardings.params, shardings.extra, data_sh))
-            compiled_steps["eval"] = (jitted, task.eval_step, (state.params, state.extra, b), size)
-        for name, (jitted, fn, args, size) in compiled_steps.items():
-            matmul, exact = jaxpr_matmul_flops(fn, *args)
-            extra = {"batch": size, "matmul_flops": matmul / len(devices), "matmul_flops_exact": exact}
+            compiled_steps["eval"] = (jitted, (state.params, state.extra, b), size)
+        for name, (jitted, args, size) in compiled_steps.items():
+            t0 = time.perf_counter()
+            traced = jitted.trace(*args)  # one trace: lowered, and its jaxpr counted
+            lowered = traced.lower()
+            lower_s = time.perf_counter() - t0
+            matmul, exact = matmul_flops(traced.jaxpr)
+            extra = {"batch": size, "matmul_flops": matmul / len(devices), "matmul_flops_exact": exact,
+                     "lower_s": lower_s}
             try:
-                compiled, seconds = _compile(jitted, *args)
+                compiled, seconds = _compile(lowered)
             except DoesNotFit as e:
-                report["steps"][name] = dict(extra, fits=False, error=str(e), compile_s=e.seconds,
+                report["steps"][name] = dict(extra, fits=False, error=str(e), compile_s=lower_s + e.seconds,
                                              chip_bytes=memory)
                 continue
-            report["steps"][name] = compile_report(compiled, seconds[0], memory, dict(extra, lower_s=seconds[1]))
+            report["steps"][name] = compile_report(compiled, lower_s + seconds, memory, extra)
     return report
 
 

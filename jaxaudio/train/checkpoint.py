@@ -74,10 +74,13 @@ def _key(entry) -> str:
     return str(entry)
 
 
+def _flat(tree) -> dict[str, Any]:
+    """`{"params/a/w": leaf}` of a state or of its checkpoint metadata (same keys for both)."""
+    return {"/".join(_key(e) for e in path): v for path, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 def _shapes(tree) -> dict[str, tuple]:
-    """`{"params/a/w": shape}` of a state or of its checkpoint metadata (same keys for both)."""
-    leaves = jax.tree_util.tree_leaves_with_path(tree)
-    return {"/".join(_key(e) for e in path): tuple(getattr(v, "shape", ())) for path, v in leaves}
+    return {k: tuple(getattr(v, "shape", ())) for k, v in _flat(tree).items()}
 
 
 def _restore(manager: ocp.CheckpointManager, step: int, target: Any | None) -> Any:
@@ -105,10 +108,6 @@ def _restore(manager: ocp.CheckpointManager, step: int, target: Any | None) -> A
                                      + hint)
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-
-
-def _flat(tree) -> dict[str, Any]:
-    return {"/".join(_key(e) for e in path): v for path, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def _relayout_shapes(meta, want: dict[str, tuple]) -> dict[str, tuple]:

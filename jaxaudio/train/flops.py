@@ -117,10 +117,13 @@ def jaxpr_matmul_flops(fn: Any, *args: Any) -> tuple[float, bool]:
     `exact` is False when a `while` loop (decoding) was counted as a single iteration, or a
     `cond` as its costliest branch."""
     import jax
+    return matmul_flops(jax.make_jaxpr(fn)(*args))
 
-    closed = jax.make_jaxpr(fn)(*args)
+
+def matmul_flops(closed_jaxpr: Any) -> tuple[float, bool]:
+    """`jaxpr_matmul_flops` of an already traced program (e.g. `jax.jit(f).trace(...).jaxpr`)."""
     flags = {"exact": True}
-    return float(_jaxpr_flops(closed.jaxpr, flags)), flags["exact"]
+    return float(_jaxpr_flops(closed_jaxpr.jaxpr, flags)), flags["exact"]
 
 
 def _sub_jaxprs(value: Any) -> list:

@@ -129,12 +129,6 @@ def load_run_variables(workdir: str) -> dict[str, Any]:
     return restore_run_variables(workdir)[1]
 
 
-def _flatten_stored(params: Any) -> dict[str, Any]:
-    """`flatten`, with an int8-stored kernel (a `QTensor`) as one leaf at its kernel's path."""
-    leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, QTensor))[0]
-    return {"/".join(str(getattr(k, "key", k)) for k in path): v for path, v in leaves}
-
-
 def _as_stored(value: np.ndarray, current: Any) -> Any:
     """A loaded value in the storage of the state's `current` leaf: its dtype (e.g. a
     bf16-stored conversion into an fp32 master), or int8 quantized over the same axes."""
@@ -222,7 +216,7 @@ class Trainer:
             if part is not None and part not in tree:
                 merged[coll] = tree
                 continue
-            out = _flatten_stored(tree)
+            out = flatten(tree, is_leaf=lambda x: isinstance(x, QTensor))  # a quantized kernel: one leaf
             # Either layer layout (scanned `layers/` or unrolled `layers_N/`) into this model's.
             in_part = [k if part is None else k[len(part) + 1:] for k in out
                        if part is None or k.startswith(part + "/")]
