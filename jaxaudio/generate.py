@@ -174,6 +174,22 @@ def _gather(a: jax.Array, index: jax.Array) -> jax.Array:
     return jnp.take_along_axis(a, index.reshape(index.shape + (1,) * (a.ndim - 2)), axis=1)
 
 
+def _reorder(c: jax.Array, axis: int | None, index: jax.Array) -> jax.Array:
+    """Cache entry `c` with its rows (batch axis `axis`) picked by `index`."""
+    if axis is None:
+        return c
+    if axis == 0:
+        return jnp.take(c, index, axis=0)
+
+    # A scanned stack `[layers, ..., rows, ...]`: a layer at a time, in place. A gather of the
+    # whole stack kept a second cache and XLA's gather temporaries alive (8-layer 13B-wide
+    # int8 decode, beam 4: temporaries 1.407 -> 1.250 GiB).
+    def one(layer, c):
+        rows = jnp.take(jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False), index, axis=axis - 1)
+        return jax.lax.dynamic_update_index_in_dim(c, rows, layer, 0)
+    return jax.lax.fori_loop(0, c.shape[0], one, c)
+
+
 def _beam(dec, params, cache, cache_axes, logits, full_mask, first_position, n, eos, pad, k, length_penalty):
     """Hugging Face's vectorised beam search (`GenerationMixin._beam_search`), `early_stopping=False`."""
     rows, vocab = logits.shape
@@ -215,8 +231,7 @@ def _beam(dec, params, cache, cache_axes, logits, full_mask, first_position, n, 
         go_on = jnp.any(improvable) & ~jnp.all(hits)
 
         flat_source = (jnp.arange(batch)[:, None] * k + source).reshape(-1)
-        cache = jax.tree.map(lambda c, axis: c if axis is None else jnp.take(c, flat_source, axis=axis),
-                             s["cache"], cache_axes)
+        cache = jax.tree.map(lambda c, axis: _reorder(c, axis, flat_source), s["cache"], cache_axes)
         # Unconditionally (the last iteration's forward is not read): a `cond` around the step
         # kept extra copies of the whole KV cache alive on TPU.
         logits, cache = _step(dec, params, cache, running_seqs[:, :, t].reshape(-1), full_mask, first_position, t)

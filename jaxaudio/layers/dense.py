@@ -47,12 +47,16 @@ class Dense(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         n_in = self.contract
         shape = tuple(x.shape[-n_in:]) + tuple(self.features)
-        # A stored QTensor passes flax's shape check: it compares the value's first leaf,
-        # `q`, with the kernel's shape; `quantized_contract` checks the scale.
-        kernel = self.param("kernel", param(self.kernel_init, self.axes), shape, self.param_dtype)
-        if isinstance(kernel, QTensor):
-            y = quantized_contract(x, kernel, n_in, self.dtype)
+        # A stored QTensor is read as it is: flax's shape check would compare its first leaf,
+        # `q`, with the kernel's shape, which an output-major `q` does not have.
+        stored = self.get_variable("params", "kernel") if self.has_variable("params", "kernel") else None
+        if isinstance(stored, QTensor):
+            if stored.shape != shape:
+                raise ValueError(f"{'/'.join(self.scope.path + ('kernel',))}: a quantized kernel of shape "
+                                 f"{stored.shape} where the layer needs {shape}")
+            y = quantized_contract(x, stored, n_in, self.dtype)
         else:
+            kernel = self.param("kernel", param(self.kernel_init, self.axes), shape, self.param_dtype)
             y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype),
                               axes=(tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))))
         if self.use_bias:

@@ -22,8 +22,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxaudio.layers.quant import dequantize_tree
+from jaxaudio.layers.quant import as_output_major, dequantize_tree, output_major_shape
 from jaxaudio.layers.scan import counterpart, relayout
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,9 @@ def _restore(manager: ocp.CheckpointManager, step: int, target: Any | None) -> A
         if want != have:
             if _relayout_shapes(meta, want) == want:  # the other layer layout (`jaxaudio.layers.scan`)
                 return _restore_relayout(manager, step, meta, target)
+            kernel_order = _kernel_order_q(have, want)
+            if kernel_order:
+                return _restore_output_major(manager, step, meta, target, kernel_order)
             keys = sorted({k for k in set(want) | set(have) if want.get(k) != have.get(k)})
             lines = [f"{k}: checkpoint {have.get(k, 'absent')}, model {want.get(k, 'absent')}" for k in keys]
             hint = ""
@@ -131,15 +135,53 @@ def _restore_relayout(manager: ocp.CheckpointManager, step: int, meta, target) -
         sh = shardings[other]
         if is_layer:  # one layer of a stack the model scans: the stack's spec without its axis
             spec = tuple(sh.spec) + (None,) * (len(m.shape) + 1 - len(sh.spec))
-            sh = jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec(*spec[1:]))
+            sh = NamedSharding(sh.mesh, PartitionSpec(*spec[1:]))
         else:  # a stack the model unrolls: a layer's spec behind an unsharded layer axis
-            sh = jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec(None, *sh.spec))
+            sh = NamedSharding(sh.mesh, PartitionSpec(None, *sh.spec))
         return jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sh)
 
     saved = jax.tree_util.tree_map_with_path(saved_sharding, meta)
     state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(saved)))["state"]
     flat = relayout(_flat(state), shardings)
     leaves = [jax.device_put(flat[k], sh) for k, sh in shardings.items()]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target), leaves)
+
+
+def _kernel_order_q(have: dict[str, tuple], want: dict[str, tuple]) -> set[str]:
+    """The int8 `q` leaves a checkpoint holds in kernel order where the model now keeps them
+    output-major (`layers.quant`; runs saved before that layout), when they are the only
+    difference; else empty."""
+    if set(have) != set(want):
+        return set()
+    differ = {k for k in want if want[k] != have[k]}
+    ok = all(k.endswith("/q") and len(have[k]) > len(want[k]) >= 2
+             and output_major_shape(have[k], len(want[k]) - 2) == want[k] for k in differ)
+    return differ if ok else set()
+
+
+def _restore_output_major(manager: ocp.CheckpointManager, step: int, meta, target, keys: set[str]) -> Any:
+    """Restore a state whose int8 `keys` are kernel-order `[*lead, in, *out]`: each read
+    sharded like its output-major counterpart in `target` (the output spec on the first
+    output axis), turned output-major and placed in `target`'s sharding."""
+    flat_target = _flat(target)
+    shardings = {k: v.sharding for k, v in flat_target.items()}
+
+    def saved_sharding(path, m):
+        key = "/".join(_key(e) for e in path)
+        sh = shardings[key]
+        if key in keys:
+            n_lead = len(flat_target[key].shape) - 2
+            spec = tuple(sh.spec) + (None,) * (n_lead + 2 - len(sh.spec))
+            rest = (None,) * (len(m.shape) - n_lead - 2)
+            sh = NamedSharding(sh.mesh, PartitionSpec(*spec[:n_lead], spec[-1], spec[-2], *rest))
+        return jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sh)
+
+    saved = jax.tree_util.tree_map_with_path(saved_sharding, meta)
+    state = _flat(manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(saved)))["state"])
+    for k in keys:
+        n_lead = len(flat_target[k].shape) - 2
+        state[k] = jax.jit(as_output_major, static_argnums=1, out_shardings=shardings[k])(state[k], n_lead)
+    leaves = [jax.device_put(state[k], sh) for k, sh in shardings.items()]
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target), leaves)
 
 

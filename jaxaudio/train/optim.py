@@ -136,7 +136,7 @@ def _storage_spec(cfg: ConfigDict, parts: set[str]) -> dict[str, str]:
 
 def storage_dtypes(cfg: ConfigDict, params: Any, dense_kernels: Mapping[str, tuple[int, int]] | None = None) -> Any:
     """A tree like `params`: how each parameter is stored — a dtype name, "" for its own, or
-    `quant.Int8(reduce_axes)`.
+    `quant.Int8(reduce_axes, ndim)`.
 
     `optim.frozen_storage` (`{part: dtype}`, e.g. `{"llm": "bfloat16"}`, or the string
     "llm=bfloat16,encoder=bfloat16") stores the frozen
@@ -161,7 +161,8 @@ def storage_dtypes(cfg: ConfigDict, params: Any, dense_kernels: Mapping[str, tup
         if path not in dense_kernels:
             return "bfloat16"
         n_in, n_out = dense_kernels[path]
-        return Int8(kernel_reduce_axes(len(shapes[path].shape), n_in, n_out))
+        ndim = len(shapes[path].shape)
+        return Int8(kernel_reduce_axes(ndim, n_in, n_out), ndim)
     return path_labels(params, label)
 
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxaudio.layers.quant import Int8, QTensor, quantize
+from jaxaudio.layers.quant import Int8, QTensor, quantize, stored_q_spec
 from jaxaudio.train.mesh import logical_shardings
 
 
@@ -45,16 +45,18 @@ def _store(params: Any, storage: Any | None) -> Any:
 
 def _stored_shardings(shardings: Any, storage: Any | None) -> Any:
     """The parameters' shardings for their storage: a quantized kernel's `q` keeps the
-    kernel's, its `scale` the same without the reduced (size-1) axes' mesh axes."""
+    kernel's (`quant.stored_q_spec` for an output-major `q`), its `scale` the same without
+    the reduced (size-1) axes' mesh axes."""
     if storage is None:
         return shardings
 
     def one(sh: NamedSharding, how):
         if not isinstance(how, Int8):
             return sh
-        spec = tuple(sh.spec) + (None,) * (max(how.reduce_axes, default=-1) + 1 - len(sh.spec))
+        spec = tuple(sh.spec) + (None,) * (how.ndim - len(sh.spec))
         scale = PartitionSpec(*(None if i in how.reduce_axes else a for i, a in enumerate(spec)))
-        return QTensor(q=sh, scale=NamedSharding(sh.mesh, scale))
+        q = PartitionSpec(*stored_q_spec(spec, how.ndim, how.reduce_axes))
+        return QTensor(q=NamedSharding(sh.mesh, q), scale=NamedSharding(sh.mesh, scale))
     return jax.tree.map(one, shardings, storage)
 
 

@@ -6,12 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax.errors import ScopeParamShapeError
 
 from jaxaudio.layers import dense
 from jaxaudio.layers.dense import abstract_init
 from jaxaudio.layers.lora import LoraConfig, lora
-from jaxaudio.layers.quant import QTensor, dequantize_tree, kernel_reduce_axes, quantize, quantized_contract
+from jaxaudio.layers.quant import (QTensor, dequantize_tree, kernel_reduce_axes, quantize, quantized_contract,
+                                   stored_q_spec)
 
 
 def _normal(seed, shape):
@@ -202,7 +202,93 @@ def test_a_scanned_stack_of_quantized_kernels():
 def test_a_misshapen_quantized_kernel_is_refused():
     layer, params, _ = _quantized(1)
     qt = params["kernel"]
-    with pytest.raises(ScopeParamShapeError):  # flax checks q against the kernel's shape
+    with pytest.raises(ValueError, match=r"kernel: a quantized kernel of shape \(3, 5\) where the layer needs \(6, 5\)"):
         layer.apply({"params": dict(params, kernel=QTensor(qt.q[:3], qt.scale))}, X)
     with pytest.raises(ValueError, match="not per output channel"):
         layer.apply({"params": dict(params, kernel=QTensor(qt.q, jnp.ones((6, 5))))}, X)
+
+
+# --- per-head projections: `q` stored output-major -------------------------------------------
+def test_a_per_head_projection_is_stored_output_major():
+    """`[embed, heads, head_dim]` (one input axis, several output axes) keeps `q` as
+    `[heads * head_dim, embed]`: the same integers and scales, transposed; a stack of them
+    `[layers, heads * head_dim, embed]`, layer by layer the same."""
+    w = np.asarray(_normal(8, (8, 2, 3)))
+    qt = quantize(w, kernel_reduce_axes(3, 1, 2))
+    assert qt.output_major and qt.q.shape == (6, 8) and qt.scale.shape == (1, 2, 3) and qt.shape == (8, 2, 3)
+    scale = np.abs(w).max(axis=0, keepdims=True) / 127  # numpy, independently of quantize
+    np.testing.assert_allclose(qt.scale, scale, rtol=1e-6)
+    want_q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+    np.testing.assert_array_equal(qt.q, want_q.reshape(8, 6).T)
+    np.testing.assert_allclose(qt.dequantize(np.float32), want_q * scale, rtol=1e-6)
+    restored = {"q": qt.q, "scale": qt.scale}  # a checkpoint read without a target
+    np.testing.assert_array_equal(dequantize_tree({"k": restored})["k"], qt.dequantize(np.float32))
+
+    stacked = np.asarray(_normal(9, (4, 8, 2, 3)))
+    qs = quantize(stacked, kernel_reduce_axes(4, 1, 2))
+    assert qs.q.shape == (4, 6, 8) and qs.shape == (4, 8, 2, 3)
+    for layer in range(4):
+        one = quantize(stacked[layer], (0,))
+        np.testing.assert_array_equal(qs.q[layer], one.q)
+        np.testing.assert_array_equal(qs.scale[layer], one.scale)
+    # Two input axes, one output (an attention output `[heads, head_dim, embed]`): as it is.
+    assert not quantize(np.ones((2, 3, 8), np.float32), (0, 1)).output_major
+
+
+def test_the_stored_q_of_a_per_head_projection_is_sharded_by_its_heads():
+    assert stored_q_spec(("fsdp", "tensor", None), 3, (0,)) == ("tensor", "fsdp")
+    assert stored_q_spec((None, "fsdp", "tensor"), 4, (1,)) == (None, "tensor", "fsdp")  # a stack
+    assert stored_q_spec(("fsdp", "tensor", "x"), 3, (0,)) == (("tensor", "x"), "fsdp")
+    assert stored_q_spec(("fsdp",), 3, (0,)) == (None, "fsdp")
+    assert stored_q_spec(("fsdp", "tensor"), 2, (0,)) == ("fsdp", "tensor")  # one output axis: as it is
+
+
+class _Heads(nn.Module):
+    scanned: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        if not self.scanned:
+            return dense((2, 3), ("embed", "heads", "kv"), name="query")(x)
+
+        class Block(nn.Module):
+            @nn.compact
+            def __call__(self, x, _):
+                y = dense((2, 3), ("embed", "heads", "kv"), name="query")(x)
+                return x + jnp.tanh(y.reshape(x.shape)), None
+        scan = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3,
+                       metadata_params={nn.PARTITION_NAME: "layers"})
+        return scan(name="layers")(x, None)[0]
+
+
+@pytest.mark.parametrize("scanned", [False, True])
+def test_dense_with_an_output_major_kernel_is_the_dequantised_matmul(scanned):
+    """Values and input gradients, alone and as a scanned stack; with a LoRA adapter on top."""
+    model = _Heads(scanned)
+    x = jax.random.normal(jax.random.PRNGKey(4), (2, 5, 6))
+    params = nn.unbox(model.init(jax.random.PRNGKey(0), x))["params"]
+    path = ("layers", "query") if scanned else ("query",)
+    sub = params[path[0]][path[1]] if scanned else params["query"]
+    qt = quantize(sub["kernel"] * 30.0, kernel_reduce_axes(sub["kernel"].ndim, 1, 2))
+    assert qt.output_major
+
+    def with_kernel(kernel):
+        new = dict(sub, kernel=kernel, bias=jnp.linspace(-1, 1, 6).reshape(2, 3) * jnp.ones(sub["bias"].shape))
+        return {path[0]: {path[1]: new}} if scanned else {"query": new}
+
+    def loss(x, kernel):
+        return jnp.sum(jnp.sin(model.apply({"params": with_kernel(kernel)}, x)))
+    np.testing.assert_allclose(float(loss(x, qt)), float(loss(x, qt.dequantize())), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(jax.grad(loss)(x, qt)), np.asarray(jax.grad(loss)(x, qt.dequantize())),
+                               rtol=1e-4, atol=1e-5)
+    if scanned:
+        return
+    cfg = LoraConfig(targets="query", rank=2, alpha=4.0)
+    with lora(cfg):
+        adapters = nn.unbox(model.init(jax.random.PRNGKey(1), x))["params"]["query"]
+    adapters = {"lora_a": adapters["lora_a"], "lora_b": jax.random.normal(jax.random.PRNGKey(2), adapters["lora_b"].shape)}
+
+    def lora_out(kernel):
+        with lora(cfg):
+            return model.apply({"params": {"query": dict(with_kernel(kernel)["query"], **adapters)}}, x)
+    np.testing.assert_allclose(np.asarray(lora_out(qt)), np.asarray(lora_out(qt.dequantize())), rtol=1e-5, atol=1e-5)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from jaxaudio.convert import flatten
+from jaxaudio.layers import quant
 from jaxaudio.layers.quant import QTensor, quantize
 from jaxaudio.train.checkpoint import CheckpointMismatch, restore_run_variables
 from jaxaudio.train.loop import Trainer
@@ -131,3 +132,23 @@ def test_int8_state_starts_from_a_float_run(data_root, tmp_path, fp32_run):
         np.testing.assert_array_equal(qt.q, want.q)
         np.testing.assert_array_equal(qt.scale, want.scale)
     np.testing.assert_array_equal(np.asarray(trainer.state.params["head"]["kernel"]), loaded["head/kernel"])
+
+
+def test_a_run_saved_with_kernel_order_int8_resumes(data_root, tmp_path, monkeypatch):
+    """Runs saved before per-head projections kept their int8 `q` output-major (`layers.quant`)
+    hold it in kernel order: resuming turns it output-major, the same integers, and goes on."""
+    storage = "blocks_0=int8"
+    with monkeypatch.context() as m:
+        m.setattr(quant, "output_major", lambda ndim, reduce_axes: False)  # the earlier layout
+        old = Trainer(_config(data_root, 2, storage), str(tmp_path / "run"))
+        old.train()
+        old_qkv = jax.device_get(old.state.params["blocks_0"]["attn"]["qkv"]["kernel"])
+    assert not old_qkv.output_major and old_qkv.q.ndim == 4  # [embed, 3, heads, head_dim]
+    resumed = Trainer(_config(data_root, 4, storage), str(tmp_path / "run"))
+    resumed.train()
+    assert [h["step"] for h in resumed.history] == [3, 4]
+    qkv = jax.device_get(resumed.state.params["blocks_0"]["attn"]["qkv"]["kernel"])
+    assert qkv.output_major and qkv.q.shape == (np.prod(old_qkv.q.shape[1:]), old_qkv.q.shape[0])
+    np.testing.assert_array_equal(qkv.q, old_qkv.q.reshape(old_qkv.q.shape[0], -1).T)
+    np.testing.assert_array_equal(qkv.dequantize(np.float32), old_qkv.dequantize(np.float32))
+    assert all(np.isfinite(h["loss"]) for h in resumed.history)
