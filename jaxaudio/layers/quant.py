@@ -14,7 +14,10 @@ output-major `q` has fewer axes than `scale`), so a checkpoint carries its own l
 Symmetric absmax: `scale = max|w| / 127` over the input axes, `q = round(w / scale)`.
 
 Only frozen weights are stored this way (`optim.frozen_storage="llm=int8"`): the matmul's
-backward gives the input's gradient only.
+backward gives the input's gradient only. A frozen per-head projection stored in a float
+dtype (`"llm=bfloat16"`) is a `QTensor` too, `q` in that dtype, output-major, with scales of
+1: the same layout, for the same reason (one 16 GiB v5e chip, BAT-7B with bf16 frozen
+parts, scanned: 16.70 GB before, does not fit; 14.03 GiB after).
 """
 import dataclasses
 import functools
@@ -31,7 +34,8 @@ QMAX = 127
 @flax.struct.dataclass
 class QTensor:
     """`scale` float32 `[*shape]` with 1 on the reduced (input) axes; `q` int8 `[*shape]`, or
-    `[*lead, prod(out), in]` when `output_major` (see the module docstring)."""
+    `[*lead, prod(out), in]` when `output_major` (see the module docstring); a float `q`
+    (always output-major) has scales of 1."""
     q: Any
     scale: Any
 
@@ -62,8 +66,11 @@ class QTensor:
 
     @property
     def reduce_axes(self) -> tuple[int, ...]:
-        """The axes the scale was taken over (those where it has size 1; an output axis of
-        size 1 counts too, which quantizes the same)."""
+        """The axes the scale was taken over: the input axis of an output-major kernel, else
+        those where the scale has size 1 (an output axis of size 1 counts too, which
+        quantizes the same)."""
+        if self.output_major:
+            return (len(self.q.shape) - 2,)
         return tuple(i for i, n in enumerate(self.scale.shape) if n == 1)
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
@@ -75,14 +82,32 @@ class QTensor:
 
 
 @dataclasses.dataclass(frozen=True)
-class Int8:
-    """Storage label (`optim.storage_dtypes`): quantize this parameter (a kernel of rank
-    `ndim`) over `reduce_axes`."""
+class StoredKernel:
+    """Storage label (`optim.storage_dtypes`): keep this kernel (of rank `ndim`, contracted
+    over `reduce_axes`) as a `QTensor` — int8 quantized, or (a float `dtype`) output-major."""
+    dtype: str
     reduce_axes: tuple[int, ...]
     ndim: int
 
     def __str__(self) -> str:
-        return f"int8{list(self.reduce_axes)}"
+        return f"{self.dtype}{list(self.reduce_axes)}"
+
+
+def store(w: Any, how: StoredKernel) -> QTensor:
+    """`w` kept as `how` says: `quantize`d for int8, else `as_output_major` in `how.dtype`."""
+    if how.dtype == "int8":
+        return quantize(w, how.reduce_axes)
+    if not output_major(how.ndim, how.reduce_axes):
+        raise ValueError(f"a {how.dtype} kernel is kept as a QTensor only output-major; got {how}")
+    xp = np if isinstance(w, np.ndarray) else jnp
+    scale = xp.ones(tuple(1 if i in how.reduce_axes else n for i, n in enumerate(w.shape)), np.float32)
+    return QTensor(q=as_output_major(w.astype(jnp.dtype(how.dtype)), how.reduce_axes[0]), scale=scale)
+
+
+def stored_as(kernel: QTensor) -> StoredKernel:
+    """The label a stored kernel was made with."""
+    dtype = "int8" if np.issubdtype(np.dtype(kernel.q.dtype), np.integer) else np.dtype(kernel.q.dtype).name
+    return StoredKernel(dtype, kernel.reduce_axes, len(kernel.shape))
 
 
 def kernel_reduce_axes(ndim: int, n_in: int, n_out: int) -> tuple[int, ...]:
@@ -136,11 +161,15 @@ def quantize(w: Any, reduce_axes: tuple[int, ...]) -> QTensor:
 
 
 def is_quantized(x: Any) -> bool:
-    """A QTensor, or the `{"q", "scale"}` dict a checkpoint restored without a target gives."""
+    """A QTensor, or the `{"q", "scale"}` dict a checkpoint restored without a target gives
+    (int8 `q`, or a float `q` with fewer axes than `scale`: output-major)."""
     if isinstance(x, QTensor):
         return True
-    return (isinstance(x, dict) and set(x) == {"q", "scale"}
-            and np.issubdtype(np.dtype(getattr(x["q"], "dtype", np.float32)), np.integer))
+    if not (isinstance(x, dict) and set(x) == {"q", "scale"}):
+        return False
+    q, scale = x["q"], x["scale"]
+    return (np.issubdtype(np.dtype(getattr(q, "dtype", np.float32)), np.integer)
+            or len(getattr(q, "shape", ())) < len(getattr(scale, "shape", ())))
 
 
 def dequantize_tree(tree: Any, dtype=np.float32) -> Any:

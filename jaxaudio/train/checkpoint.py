@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
@@ -99,9 +100,9 @@ def _restore(manager: ocp.CheckpointManager, step: int, target: Any | None) -> A
         if want != have:
             if _relayout_shapes(meta, want) == want:  # the other layer layout (`jaxaudio.layers.scan`)
                 return _restore_relayout(manager, step, meta, target)
-            kernel_order = _kernel_order_q(have, want)
-            if kernel_order:
-                return _restore_output_major(manager, step, meta, target, kernel_order)
+            plan = _output_major_plan(have, want)
+            if plan:
+                return _restore_output_major(manager, step, meta, target, plan)
             keys = sorted({k for k in set(want) | set(have) if want.get(k) != have.get(k)})
             lines = [f"{k}: checkpoint {have.get(k, 'absent')}, model {want.get(k, 'absent')}" for k in keys]
             hint = ""
@@ -147,40 +148,61 @@ def _restore_relayout(manager: ocp.CheckpointManager, step: int, meta, target) -
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target), leaves)
 
 
-def _kernel_order_q(have: dict[str, tuple], want: dict[str, tuple]) -> set[str]:
-    """The int8 `q` leaves a checkpoint holds in kernel order where the model now keeps them
-    output-major (`layers.quant`; runs saved before that layout), when they are the only
-    difference; else empty."""
-    if set(have) != set(want):
-        return set()
-    differ = {k for k in want if want[k] != have[k]}
-    ok = all(k.endswith("/q") and len(have[k]) > len(want[k]) >= 2
-             and output_major_shape(have[k], len(want[k]) - 2) == want[k] for k in differ)
-    return differ if ok else set()
+def _output_major_plan(have: dict[str, tuple], want: dict[str, tuple]) -> dict[str, str]:
+    """Runs saved before frozen per-head projections were kept output-major (`layers.quant`)
+    hold an int8 `q` in kernel order (`.../kernel/q [*lead, in, *out]`) or a float kernel
+    (`.../kernel`) where the model keeps `.../kernel/q [*lead, out, in]` (and scales of 1):
+    `{new q key: the saved key it comes from}` when those are the only differences, else
+    empty."""
+    plan, used = {}, set()
+    for k in sorted(set(want) - {k for k in want if have.get(k) == want[k]}):
+        base = k[:-len("/q")] if k.endswith("/q") else None
+        if base is None:
+            if k.endswith("/scale") and k[:-len("/scale")] in have and k[:-len("/scale")] not in want:
+                continue  # the scales of 1 of a float kernel that was kept whole
+            return {}
+        old = k if k in have else base if base in have and base not in want else None
+        n_lead = len(want[k]) - 2
+        if (old is None or n_lead < 0 or len(have[old]) <= len(want[k])
+                or output_major_shape(have[old], n_lead) != want[k]):
+            return {}
+        plan[k] = old
+        used.add(old)
+    stale = {k for k in have if k not in want or have[k] != want[k]} - used
+    return plan if plan and not stale else {}
 
 
-def _restore_output_major(manager: ocp.CheckpointManager, step: int, meta, target, keys: set[str]) -> Any:
-    """Restore a state whose int8 `keys` are kernel-order `[*lead, in, *out]`: each read
-    sharded like its output-major counterpart in `target` (the output spec on the first
-    output axis), turned output-major and placed in `target`'s sharding."""
+def _restore_output_major(manager: ocp.CheckpointManager, step: int, meta, target, plan: dict[str, str]) -> Any:
+    """Restore a state by `_output_major_plan`: each saved kernel read sharded like its
+    output-major `q` in `target` (the output spec on the first output axis), turned
+    output-major in `q`'s dtype and sharding; a float kernel's scales are ones."""
     flat_target = _flat(target)
     shardings = {k: v.sharding for k, v in flat_target.items()}
+    source = {old: new for new, old in plan.items()}
 
     def saved_sharding(path, m):
         key = "/".join(_key(e) for e in path)
-        sh = shardings[key]
-        if key in keys:
-            n_lead = len(flat_target[key].shape) - 2
-            spec = tuple(sh.spec) + (None,) * (n_lead + 2 - len(sh.spec))
-            rest = (None,) * (len(m.shape) - n_lead - 2)
-            sh = NamedSharding(sh.mesh, PartitionSpec(*spec[:n_lead], spec[-1], spec[-2], *rest))
+        if key not in source:
+            return jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=shardings[key])
+        sh, n_lead = shardings[source[key]], len(flat_target[source[key]].shape) - 2
+        spec = tuple(sh.spec) + (None,) * (n_lead + 2 - len(sh.spec))
+        rest = (None,) * (len(m.shape) - n_lead - 2)
+        sh = NamedSharding(sh.mesh, PartitionSpec(*spec[:n_lead], spec[-1], spec[-2], *rest))
         return jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sh)
 
     saved = jax.tree_util.tree_map_with_path(saved_sharding, meta)
     state = _flat(manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(saved)))["state"])
-    for k in keys:
-        n_lead = len(flat_target[k].shape) - 2
-        state[k] = jax.jit(as_output_major, static_argnums=1, out_shardings=shardings[k])(state[k], n_lead)
+
+    def convert(x, n_lead, dtype):
+        return as_output_major(x, n_lead).astype(dtype)
+    for new, old in plan.items():
+        want = flat_target[new]
+        state[new] = jax.jit(convert, static_argnums=(1, 2), out_shardings=shardings[new])(
+            state[old], len(want.shape) - 2, want.dtype)
+        scale = new[:-len("/q")] + "/scale"
+        if scale not in state:  # a float kernel kept whole: scales of 1
+            w = flat_target[scale]
+            state[scale] = jax.jit(lambda: jnp.ones(w.shape, w.dtype), out_shardings=shardings[scale])()
     leaves = [jax.device_put(state[k], sh) for k, sh in shardings.items()]
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target), leaves)
 

@@ -28,7 +28,7 @@ from jaxaudio.convert.engine import flatten, unflatten
 from jaxaudio.convert.io import load_converted
 from jaxaudio.layers.dense import abstract_init
 from jaxaudio.layers.partitioning import DEFAULT_RULES
-from jaxaudio.layers.quant import QTensor, quantize
+from jaxaudio.layers.quant import QTensor, store, stored_as
 from jaxaudio.layers.scan import relayout
 from jaxaudio.tasks import get_task
 from jaxaudio.tasks.base import Task, eval_batches
@@ -75,7 +75,7 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, accum_steps: i
 
     Gradients are taken with respect to the floating-point leaves only: int8-stored frozen
     kernels (`quant.QTensor.q`) cannot be differentiated; the optimizer sees zeros for them
-    that nothing reads.
+    that nothing reads (a float `QTensor.q` gets a zero cotangent from its matmul).
     """
     def loss_fn(floats, params, extra, batch, rng):
         params = _with_floats(params, floats)
@@ -131,9 +131,10 @@ def load_run_variables(workdir: str) -> dict[str, Any]:
 
 def _as_stored(value: np.ndarray, current: Any) -> Any:
     """A loaded value in the storage of the state's `current` leaf: its dtype (e.g. a
-    bf16-stored conversion into an fp32 master), or int8 quantized over the same axes."""
+    bf16-stored conversion into an fp32 master), or a `QTensor` kept like it (int8, or a
+    float output-major)."""
     if isinstance(current, QTensor):
-        return quantize(value, current.reduce_axes)
+        return store(value, stored_as(current))
     return value.astype(current.dtype)
 
 

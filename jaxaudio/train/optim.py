@@ -14,7 +14,7 @@ import optax
 from ml_collections import ConfigDict
 
 from jaxaudio.convert.engine import flatten, unflatten
-from jaxaudio.layers.quant import Int8, kernel_reduce_axes
+from jaxaudio.layers.quant import StoredKernel, kernel_reduce_axes, output_major
 
 
 def path_labels(params: Any, fn: Callable[[str], Any]) -> Any:
@@ -136,7 +136,7 @@ def _storage_spec(cfg: ConfigDict, parts: set[str]) -> dict[str, str]:
 
 def storage_dtypes(cfg: ConfigDict, params: Any, dense_kernels: Mapping[str, tuple[int, int]] | None = None) -> Any:
     """A tree like `params`: how each parameter is stored — a dtype name, "" for its own, or
-    `quant.Int8(reduce_axes, ndim)`.
+    `quant.StoredKernel(dtype, reduce_axes, ndim)` (a `QTensor`).
 
     `optim.frozen_storage` (`{part: dtype}`, e.g. `{"llm": "bfloat16"}`, or the string
     "llm=bfloat16,encoder=bfloat16") stores the frozen
@@ -146,8 +146,10 @@ def storage_dtypes(cfg: ConfigDict, params: Any, dense_kernels: Mapping[str, tup
 
     `int8` (a quarter of fp32): the part's frozen `Dense` kernels become int8 with one fp32
     scale per output channel (`layers.quant`), its other frozen parameters (embeddings,
-    norms, biases, convolutions) bf16. Which leaves are Dense kernels, and their input and
-    output axes, comes from `dense_kernels` (`layers.dense.abstract_init`)."""
+    norms, biases, convolutions) bf16. In any storage dtype a frozen per-head projection
+    (`[embed, heads, head_dim]`) is kept output-major (`layers.quant`: TPUs want the heads
+    outermost). Which leaves are Dense kernels, and their input and output axes, comes from
+    `dense_kernels` (`layers.dense.abstract_init`); without it they keep their layout."""
     spec = _storage_spec(cfg, {k.split("/")[0] for k in flatten(params)})
     if "int8" in spec.values() and dense_kernels is None:
         raise ValueError("config.optim.frozen_storage: int8 needs the model's Dense kernels "
@@ -156,13 +158,13 @@ def storage_dtypes(cfg: ConfigDict, params: Any, dense_kernels: Mapping[str, tup
 
     def label(path: str):
         name = "" if mask[path] else spec.get(path.split("/")[0], "")
-        if name != "int8":
-            return name
-        if path not in dense_kernels:
-            return "bfloat16"
-        n_in, n_out = dense_kernels[path]
+        if not name or dense_kernels is None or path not in dense_kernels:
+            return "bfloat16" if name == "int8" else name
         ndim = len(shapes[path].shape)
-        return Int8(kernel_reduce_axes(ndim, n_in, n_out), ndim)
+        axes = kernel_reduce_axes(ndim, *dense_kernels[path])
+        if name == "int8" or output_major(ndim, axes):
+            return StoredKernel(name, axes, ndim)
+        return name
     return path_labels(params, label)
 
 

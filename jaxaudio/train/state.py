@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxaudio.layers.quant import Int8, QTensor, quantize, stored_q_spec
+from jaxaudio.layers.quant import QTensor, StoredKernel, store, stored_q_spec
 from jaxaudio.train.mesh import logical_shardings
 
 
@@ -32,13 +32,13 @@ def split_variables(variables: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
 
 def _store(params: Any, storage: Any | None) -> Any:
     """Each parameter in its storage (`optim.storage_dtypes`): cast to a dtype name ("" keeps
-    it) or quantized (`Int8` -> a `QTensor`); `storage=None`: unchanged."""
+    it) or a `QTensor` (`StoredKernel`: int8, or a float output-major); `storage=None`: unchanged."""
     if storage is None:
         return params
 
     def one(x, how):
-        if isinstance(how, Int8):
-            return quantize(x, how.reduce_axes)
+        if isinstance(how, StoredKernel):
+            return store(x, how)
         return x.astype(how) if how else x
     return jax.tree.map(one, params, storage)
 
@@ -51,7 +51,7 @@ def _stored_shardings(shardings: Any, storage: Any | None) -> Any:
         return shardings
 
     def one(sh: NamedSharding, how):
-        if not isinstance(how, Int8):
+        if not isinstance(how, StoredKernel):
             return sh
         spec = tuple(sh.spec) + (None,) * (how.ndim - len(sh.spec))
         scale = PartitionSpec(*(None if i in how.reduce_axes else a for i, a in enumerate(spec)))
@@ -68,7 +68,7 @@ def abstract_train_state(init_variables, tx: optax.GradientTransformation, rng: 
 
     `init_variables(rng)` returns variables whose leaves carry logical axis names; optimizer
     moments take the sharding of their parameter. `storage` (`optim.storage_dtypes`) gives
-    how each parameter is kept (a dtype, or int8 as a `QTensor` whose `q` and `scale` are
+    how each parameter is kept (a dtype, or a `QTensor` whose `q` and `scale` are
     sharded like the kernel).
     """
     abstract = jax.eval_shape(init_variables, rng)

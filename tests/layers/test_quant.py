@@ -11,7 +11,7 @@ from jaxaudio.layers import dense
 from jaxaudio.layers.dense import abstract_init
 from jaxaudio.layers.lora import LoraConfig, lora
 from jaxaudio.layers.quant import (QTensor, dequantize_tree, kernel_reduce_axes, quantize, quantized_contract,
-                                   stored_q_spec)
+                                   StoredKernel, is_quantized, store, stored_as, stored_q_spec)
 
 
 def _normal(seed, shape):
@@ -292,3 +292,19 @@ def test_dense_with_an_output_major_kernel_is_the_dequantised_matmul(scanned):
         with lora(cfg):
             return model.apply({"params": {"query": dict(with_kernel(kernel)["query"], **adapters)}}, x)
     np.testing.assert_allclose(np.asarray(lora_out(qt)), np.asarray(lora_out(qt.dequantize())), rtol=1e-5, atol=1e-5)
+
+
+def test_a_float_per_head_projection_is_kept_output_major():
+    """`store` for a float storage dtype: `q` in that dtype, output-major, scales of 1 — the
+    same kernel back; a restored `{"q", "scale"}` dict of it is recognised by its ranks."""
+    w = np.asarray(_normal(10, (3, 8, 2, 3)))  # a stack of [embed, heads, head_dim]
+    how = StoredKernel("bfloat16", kernel_reduce_axes(4, 1, 2), 4)
+    kept = store(w, how)
+    assert kept.output_major and kept.q.dtype == jnp.bfloat16 and kept.q.shape == (3, 6, 8)
+    assert np.all(kept.scale == 1) and kept.scale.shape == (3, 1, 2, 3)
+    np.testing.assert_array_equal(kept.dequantize(np.float32), w.astype(jnp.bfloat16).astype(np.float32))
+    assert stored_as(kept) == how and stored_as(quantize(w, (1,))) == StoredKernel("int8", (1,), 4)
+    assert is_quantized({"q": kept.q, "scale": kept.scale})
+    assert not is_quantized({"q": w, "scale": np.ones_like(w)})  # a float pair of equal ranks: not ours
+    with pytest.raises(ValueError, match="only output-major"):
+        store(np.ones((4, 5), np.float32), StoredKernel("bfloat16", (0,), 2))

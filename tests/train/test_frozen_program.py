@@ -77,8 +77,8 @@ def test_frozen_parameters_only_feed_the_forward(program):
 def test_frozen_parameters_in_bf16_only_feed_the_forward(program):
     compiled, mask, shapes = program
     hlo = compiled(mask, {"blocks_0": "bfloat16"})
-    assert "bf16[48,3,2,24]" in hlo  # the qkv kernel, stored in bf16
-    for name, shape in shapes.items():
+    assert "bf16[144,48]" in hlo and "bf16[48,96]" in hlo  # qkv (output-major) and fc1, stored in bf16
+    for name, shape in {**shapes, "blocks_0/attn/qkv/kernel (stored q)": (144, 48)}.items():
         assert _outside_forward(hlo, shape) == [], name
 
 

@@ -10,6 +10,7 @@ from jaxaudio.convert import flatten
 from jaxaudio.layers import quant
 from jaxaudio.layers.quant import QTensor, quantize
 from jaxaudio.train.checkpoint import CheckpointMismatch, restore_run_variables
+from jaxaudio.train import optim
 from jaxaudio.train.loop import Trainer
 from train.fixtures import make_clips, tiny_config
 
@@ -33,24 +34,29 @@ def _config(root, steps, storage="blocks_0=bfloat16, head=bfloat16"):  # head tr
 
 def test_frozen_part_in_bf16_trains_and_resumes(data_root, tmp_path):
     first = Trainer(_config(data_root, 2), str(tmp_path / "run"))
+    qkv = jax.device_get(first.state.params["blocks_0"]["attn"]["qkv"]["kernel"])
+    # The per-head projection [embed, 3, heads, head_dim]: bf16, output-major, scales of 1.
+    assert isinstance(qkv, QTensor) and qkv.output_major and qkv.q.dtype == jnp.bfloat16
+    assert qkv.q.ndim == 2 and qkv.q.shape[1] == qkv.shape[0] and np.all(qkv.scale == 1)
     params = flatten(jax.device_get(first.state.params))
-    assert params["blocks_0/attn/qkv/kernel"].dtype == jnp.bfloat16
+    assert params["blocks_0/mlp/fc1/kernel"].dtype == jnp.bfloat16  # the others as they are
     assert params["head/kernel"].dtype == np.float32 and params["patch_embed/kernel"].dtype == np.float32
     # Adam's two moments exist for what trains only, in fp32.
     trains = sum(v.size for k, v in params.items() if k.split("/")[0].endswith("head"))
     moments = [x for x in jax.tree.leaves(first.state.opt_state) if x.ndim > 0]
     assert sum(x.size for x in moments) == 2 * trains and all(x.dtype == np.float32 for x in moments)
-    before = params["blocks_0/attn/qkv/kernel"]
+    before = params["blocks_0/mlp/fc1/kernel"]
     first.train()
     after = flatten(jax.device_get(first.state.params))
-    np.testing.assert_array_equal(after["blocks_0/attn/qkv/kernel"], before)  # frozen, still bf16
-    assert after["blocks_0/attn/qkv/kernel"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(after["blocks_0/mlp/fc1/kernel"], before)  # frozen, still bf16
+    assert after["blocks_0/mlp/fc1/kernel"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(jax.device_get(first.state.params["blocks_0"]["attn"]["qkv"]["kernel"]).q, qkv.q)
     assert not np.array_equal(after["head/kernel"], params["head/kernel"])
     assert all(np.isfinite(h["loss"]) for h in first.history)
     resumed = Trainer(_config(data_root, 4), str(tmp_path / "run"))
     resumed.train()
     final = flatten(jax.device_get(resumed.state.params))
-    assert final["blocks_0/attn/qkv/kernel"].dtype == jnp.bfloat16 and int(resumed.state.step) == 4
+    assert final["blocks_0/mlp/fc1/kernel"].dtype == jnp.bfloat16 and int(resumed.state.step) == 4
 
 
 def test_unknown_part_or_dtype_is_named(data_root, tmp_path):
@@ -152,3 +158,20 @@ def test_a_run_saved_with_kernel_order_int8_resumes(data_root, tmp_path, monkeyp
     np.testing.assert_array_equal(qkv.q, old_qkv.q.reshape(old_qkv.q.shape[0], -1).T)
     np.testing.assert_array_equal(qkv.dequantize(np.float32), old_qkv.dequantize(np.float32))
     assert all(np.isfinite(h["loss"]) for h in resumed.history)
+
+
+def test_a_run_saved_with_whole_bf16_kernels_resumes(data_root, tmp_path, monkeypatch):
+    """Runs saved before bf16 per-head projections were kept output-major hold the plain
+    kernel: resuming makes it the output-major `QTensor` (scales of 1), the same values."""
+    with monkeypatch.context() as m:
+        m.setattr(optim, "output_major", lambda ndim, reduce_axes: False)  # the earlier labels
+        old = Trainer(_config(data_root, 2), str(tmp_path / "run"))
+        old.train()
+        kernel = np.asarray(jax.device_get(old.state.params["blocks_0"]["attn"]["qkv"]["kernel"]))
+    assert kernel.dtype == jnp.bfloat16 and kernel.ndim == 4  # [embed, 3, heads, head_dim]
+    resumed = Trainer(_config(data_root, 4), str(tmp_path / "run"))
+    resumed.train()
+    assert [h["step"] for h in resumed.history] == [3, 4]
+    qkv = jax.device_get(resumed.state.params["blocks_0"]["attn"]["qkv"]["kernel"])
+    assert qkv.output_major and qkv.q.dtype == jnp.bfloat16 and np.all(qkv.scale == 1)
+    np.testing.assert_array_equal(qkv.dequantize(np.float32), kernel.astype(np.float32))
