@@ -167,7 +167,8 @@ class MultiHeadAttention(nn.Module):
     keys and values are appended to a cache (collection `cache`) whose length is set by
     the input length at `init`; each call may add one or more tokens. The caller keeps
     the total within that length (`generate` stops there): past it, XLA's
-    `dynamic_update_slice` would clamp the write onto the last slots.
+    `dynamic_update_slice` would clamp the write onto the last slots. A scanned stack of
+    layers passes its cache in instead (`stacked_cache`, see `__call__`).
 
     With `rope_theta` set, queries and keys are rotated (rotate-half RoPE) by
     `positions [batch, q_len]` before the keys enter the cache, so cached keys keep their
@@ -193,9 +194,16 @@ class MultiHeadAttention(nn.Module):
     def __call__(self, x: jax.Array, context: jax.Array | None = None, *, mask: jax.Array | None = None,
                  bias: jax.Array | None = None, is_causal: bool = False,
                  positions: jax.Array | None = None, deterministic: bool = True,
-                 bias_fn: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+                 bias_fn: Callable[[jax.Array], jax.Array] | None = None,
+                 stacked_cache: tuple | None = None):
         """`bias_fn(q)`, given the projected queries `[batch, q_len, heads, head_dim]` (before
-        scaling), returns an extra additive bias (BEATs' query-gated relative positions)."""
+        scaling), returns an extra additive bias (BEATs' query-gated relative positions).
+
+        `stacked_cache = (keys, values, layer, start)`: the KV cache of a whole scanned stack
+        (`[layers, batch, cache_len, kv_heads, head_dim]` each), which this call writes at
+        `[layer, :, start:]` and attends over; returns `(output, (keys, values))`. Carried
+        through the layer scan, the stack is updated in place; as per-layer `cache`
+        variables the scan would read one stack and write another (twice the cache)."""
         embed = x.shape[-1]
         head_dim = self.head_dim or embed // self.num_heads
         kv_heads = self.num_kv_heads or self.num_heads
@@ -221,7 +229,10 @@ class MultiHeadAttention(nn.Module):
         if bias_fn is not None:
             extra = bias_fn(q)
             bias = extra if bias is None else bias + extra
-        if self.decode:
+        if stacked_cache is not None:
+            k, v, mask, stacked_cache = _write_stacked(k, v, mask, *stacked_cache, self.is_initializing())
+            is_causal = False
+        elif self.decode:
             k, v, mask = self._update_cache(k, v, mask)
             is_causal = False  # the cache mask already encodes causality
         dropout_rng = None
@@ -230,7 +241,8 @@ class MultiHeadAttention(nn.Module):
         out = dot_product_attention(q, k, v, mask=mask, bias=bias, is_causal=is_causal,
                                     implementation=self.implementation, dropout_rate=self.dropout_rate,
                                     dropout_rng=dropout_rng)
-        return dense(self.out_features or embed, ("heads", "kv", "embed"), axis=(-2, -1), name="out", **kw)(out)
+        out = dense(self.out_features or embed, ("heads", "kv", "embed"), axis=(-2, -1), name="out", **kw)(out)
+        return out if stacked_cache is None else (out, stacked_cache)
 
     def _default_positions(self, batch: int, length: int) -> jax.Array:
         """`[batch, length]`: 0.. for a full pass; from the cache index when decoding."""
@@ -253,8 +265,25 @@ class MultiHeadAttention(nn.Module):
         ck.value = jax.lax.dynamic_update_slice_in_dim(ck.value, k.astype(ck.value.dtype), start, axis=1)
         cv.value = jax.lax.dynamic_update_slice_in_dim(cv.value, v.astype(cv.value.dtype), start, axis=1)
         index.value = start + step
-        q_pos = start + jnp.arange(step)
-        k_pos = jnp.arange(ck.value.shape[1])
-        causal = (k_pos[None, :] <= q_pos[:, None])[None, None]
-        mask = causal if mask is None else jnp.logical_and(mask, causal)
-        return ck.value, cv.value, mask
+        return ck.value, cv.value, _causal_cache_mask(mask, start, step, ck.value.shape[1])
+
+
+def _causal_cache_mask(mask, start, step: int, cache_len: int):
+    """`mask` and'ed with causality for queries at cache slots `start..start + step`."""
+    q_pos = start + jnp.arange(step)
+    causal = (jnp.arange(cache_len)[None, :] <= q_pos[:, None])[None, None]
+    return causal if mask is None else jnp.logical_and(mask, causal)
+
+
+def _write_stacked(k, v, mask, keys, values, layer, start, initializing: bool):
+    """Write `k`, `v [batch, step, kv_heads, head_dim]` into layer `layer` of the stacked
+    cache at slot `start`; `(this layer's keys, values, the causal mask, (keys, values))`.
+    At init (which only sizes caches) nothing is written."""
+    if initializing:
+        return k, v, mask, (keys, values)
+    step, at = k.shape[1], (layer, 0, start, 0, 0)
+    keys = jax.lax.dynamic_update_slice(keys, k[None].astype(keys.dtype), at)
+    values = jax.lax.dynamic_update_slice(values, v[None].astype(values.dtype), at)
+    k = jax.lax.dynamic_index_in_dim(keys, layer, 0, keepdims=False)
+    v = jax.lax.dynamic_index_in_dim(values, layer, 0, keepdims=False)
+    return k, v, _causal_cache_mask(mask, start, step, keys.shape[2]), (keys, values)

@@ -12,7 +12,11 @@ match, so they are part of the interface. With `scan_layers=True` the blocks run
 (`layers/attn/query/kernel [layers, embed, heads, head_dim]`): compiled once instead of
 once per layer (`jaxaudio.layers.scan`; either layout loads into either model). With
 `decode=True` every attention layer keeps a KV cache (collection `cache`) sized at
-`init`; `jaxaudio.generate` drives it.
+`init`; `jaxaudio.generate` drives it. A scanned stack keeps one cache for all its layers
+(`kv_cache/cached_key [layers, batch, len, kv_heads, head_dim]`), carried through the
+layer scan and written in place: as per-layer variables of the scan it was read from one
+stack and written to another, twice the cache (SALMONN-13B's beam-4 decode on one v5e
+chip: XLA needed 16.60 GiB; with the carried cache see README "Will it fit?").
 """
 import flax.linen as nn
 import jax
@@ -63,19 +67,49 @@ class LlamaBlock(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None, positions: jax.Array | None):
+    def __call__(self, x, mask: jax.Array | None, positions: jax.Array | None, start: jax.Array | None = None):
+        """Scanned and decoding, the carry `x` is `(x, keys, values, layer)`: the stack's KV
+        cache goes through the scan with the activations (`MultiHeadAttention`'s
+        `stacked_cache`), written at slot `start`."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        stacked = self.scanned and self.decode
+        if stacked:
+            x, keys, values, layer = x
         x = constrain(x, ACT)
         h = RMSNorm(self.rms_norm_eps, name="input_layernorm", **kw)(x)
-        h = MultiHeadAttention(self.num_heads, head_dim=self.head_dim, num_kv_heads=self.num_kv_heads,
-                               use_bias=False, rope_theta=self.rope_theta, decode=self.decode,
-                               implementation=self.attention_impl, name="attn", **kw)(
-            h, mask=mask, positions=positions, is_causal=True)
+        attn = MultiHeadAttention(self.num_heads, head_dim=self.head_dim, num_kv_heads=self.num_kv_heads,
+                                  use_bias=False, rope_theta=self.rope_theta, decode=self.decode and not stacked,
+                                  implementation=self.attention_impl, name="attn", **kw)
+        if stacked:
+            h, (keys, values) = attn(h, mask=mask, positions=positions, is_causal=True,
+                                     stacked_cache=(keys, values, layer, start))
+        else:
+            h = attn(h, mask=mask, positions=positions, is_causal=True)
         x = x + h
         h = RMSNorm(self.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
         x = x + SwiGLU(self.intermediate_size, name="mlp", **kw)(h)
         x = constrain(x, ACT)
+        if stacked:
+            return (x, keys, values, layer + 1), None
         return (x, None) if self.scanned else x
+
+
+class StackedKVCache(nn.Module):
+    """A scanned stack's decoding cache (collection `cache`): keys and values
+    `[layers, batch, cache_len, kv_heads, head_dim]`, sized by the input at `init`."""
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, batch: int, length: int, update: tuple | None = None) -> tuple[jax.Array, jax.Array]:
+        shape = (self.layers, batch, length, self.kv_heads, self.head_dim)
+        keys = self.variable("cache", "cached_key", jnp.zeros, shape, self.dtype)
+        values = self.variable("cache", "cached_value", jnp.zeros, shape, self.dtype)
+        if update is not None:
+            keys.value, values.value = update
+        return keys.value, values.value
 
 
 class Llama(nn.Module):
@@ -121,8 +155,10 @@ class Llama(nn.Module):
                 self.rms_norm_eps, self.rope_theta)
         block_kw = dict(decode=self.decode, attention_impl=self.attention_impl, **kw)
         if self.scan_layers:  # the attribute name makes it the module `layers` (scan.STACK)
-            self.layers = scanned_block(LlamaBlock, self.num_hidden_layers, policy, n_broadcast=2,
+            self.layers = scanned_block(LlamaBlock, self.num_hidden_layers, policy, n_broadcast=3,
                                         field="Llama.remat")(*args, scanned=True, **block_kw)
+            if self.decode:
+                self.kv_cache = StackedKVCache(self.num_hidden_layers, args[1], args[2], self.dtype)
         else:
             block = remat_block(LlamaBlock, policy, field="Llama.remat")
             self.layers = [block(*args, **block_kw) for _ in range(self.num_hidden_layers)]
@@ -154,9 +190,15 @@ class Llama(nn.Module):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Llama: pass exactly one of input_ids and inputs_embeds")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
+        start = self.cache_index.value if self.decode and hasattr(self, "cache_index") else None
         mask, positions = self._mask_and_positions(attention_mask, positions, *x.shape[:2])
-        if self.scan_layers:
-            x, _ = self.layers(x, mask, positions)
+        if self.scan_layers and self.decode:
+            keys, values = self.kv_cache(*x.shape[:2])
+            (x, keys, values, _), _ = self.layers((x, keys, values, jnp.int32(0)), mask, positions, start)
+            if not self.is_initializing():
+                self.kv_cache(*x.shape[:2], update=(keys, values))
+        elif self.scan_layers:
+            x, _ = self.layers(x, mask, positions, None)
         else:
             for layer in self.layers:
                 x = layer(x, mask, positions)

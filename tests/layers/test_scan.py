@@ -85,6 +85,27 @@ def test_same_decoding(models, beams):
     np.testing.assert_allclose(out[1].scores, out[0].scores, atol=1e-5)
 
 
+def test_a_scanned_decoder_carries_one_stacked_cache(models):
+    """Decoding, a scanned stack's KV cache is one `[layers, batch, len, kv_heads, head_dim]`
+    pair carried through the layer scan (written in place, not read from one stack and
+    written to another); it holds what the unrolled layers' caches hold."""
+    plain, scanned, variables, stacked, _ = models
+    caches = []
+    for m, v in ((plain, variables), (scanned, stacked)):
+        dec = m.clone(decode=True)
+        with lora(LORA):
+            cache = dec.init(jax.random.PRNGKey(0), IDS)["cache"]
+            _, updated = dec.apply({**v, "cache": cache}, IDS, mutable=["cache"])
+        caches.append(flatten(updated["cache"]))
+    unrolled, carried = caches
+    assert set(carried) == {"index", "kv_cache/cached_key", "kv_cache/cached_value"}
+    assert int(carried["index"]) == IDS.shape[1]
+    for i in range(carried["kv_cache/cached_key"].shape[0]):
+        for name in ("cached_key", "cached_value"):
+            np.testing.assert_allclose(carried[f"kv_cache/{name}"][i], unrolled[f"layers_{i}/attn/{name}"],
+                                       atol=1e-5, err_msg=f"layer {i} {name}")
+
+
 def test_merge_folds_each_layer(models):
     plain, scanned, variables, stacked, _ = models
     merged = merge(stacked["params"], LORA.scale)
