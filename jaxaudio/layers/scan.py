@@ -36,9 +36,12 @@ def scanned_block(cls: type[nn.Module], length: int, policy: str | bool, n_broad
 
     The block's `__call__(x, *args)` must return `(x, None)` (the carry and no per-layer
     output); the `n_broadcast` other arguments are the same for every layer (Python values
-    such as `train` among them, counted in `static_argnums` as for `remat_block`). Parameters and
-    the decoding cache get a leading layer axis; each layer draws its own init and dropout
-    keys. Give the instance the name `STACK`.
+    such as `train` among them, counted in `static_argnums` as for `remat_block`). Parameters (and
+    any per-layer `cache` variables) get a leading layer axis; each layer draws its own init
+    and dropout keys. Give the instance the name `STACK`. A decoder should not keep its KV
+    cache as per-layer variables here: the scan would read one cache stack and write another;
+    carry one stack through the scan instead (`MultiHeadAttention(stacked_cache=...)`, as
+    `models.llama` does).
     """
     return _scanned(cls, length, remat_policy(policy, field), n_broadcast, tuple(static_argnums))
 

@@ -190,8 +190,7 @@ class Llama(nn.Module):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Llama: pass exactly one of input_ids and inputs_embeds")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
-        start = self.cache_index.value if self.decode and hasattr(self, "cache_index") else None
-        mask, positions = self._mask_and_positions(attention_mask, positions, *x.shape[:2])
+        mask, positions, start = self._mask_and_positions(attention_mask, positions, *x.shape[:2])
         if self.scan_layers and self.decode:
             keys, values = self.kv_cache(*x.shape[:2])
             (x, keys, values, _), _ = self.layers((x, keys, values, jnp.int32(0)), mask, positions, start)
@@ -207,7 +206,8 @@ class Llama(nn.Module):
         return (logits, hidden) if return_hidden else logits
 
     def _mask_and_positions(self, attention_mask, positions, batch: int, length: int):
-        """The key padding mask (`[batch, 1, 1, kv]`, True = attend) and rotary positions."""
+        """The key padding mask (`[batch, 1, 1, kv]`, True = attend), rotary positions, and
+        the cache slot this call's tokens start at (0 without `decode`)."""
         start = 0
         if self.decode:  # this call's tokens go to cache slots start..start + length
             start = self.cache_index.value
@@ -216,11 +216,11 @@ class Llama(nn.Module):
         if attention_mask is None:
             if positions is None:
                 positions = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
-            return None, positions
+            return None, positions, start
         keep = attention_mask.astype(bool)
         if positions is None:
             positions = jax.lax.dynamic_slice_in_dim(positions_from_mask(keep), start, length, axis=1)
-        return keep[:, None, None, :], positions
+        return keep[:, None, None, :], positions, start
 
 
 def positions_from_mask(keep: jax.Array) -> jax.Array:
